@@ -1,0 +1,49 @@
+# Billing and quota platform. `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PY_PACKAGES := billing_core quota_service control_plane clients/python/src/quota_client scripts tests bench
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint fmt proto check-generated bench clean
+
+help: ## list the targets with one line each
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e clients/python -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install everything (done by the other targets)
+
+run: $(STAMP) ## start PostgreSQL (embedded unless DATABASE_URL), the sidecar and the control plane
+	$(PY) scripts/run.py
+
+lint: $(STAMP) ## ruff (lint + format check), mypy --strict, buf lint and buf breaking
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $(PY_PACKAGES)
+	$(VENV)/bin/buf lint
+	@if git rev-parse --verify --quiet main >/dev/null; then $(VENV)/bin/buf breaking --against '.git#branch=main'; fi
+
+fmt: $(STAMP) ## format and auto-fix
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+proto: $(STAMP) ## regenerate generated/ from proto/
+	$(PY) scripts/gen_proto.py
+
+check-generated: $(STAMP) ## fail when generated/ differs from a fresh generation
+	$(PY) scripts/gen_proto.py --check
+
+test: $(STAMP) lint check-generated ## all quality gates, then the whole test suite
+	$(PY) -m pytest
+
+bench: $(STAMP) ## benchmarks (see bench/README.md)
+	$(PY) -m bench
+
+clean: ## remove .venv and .data (stops nothing that is running)
+	rm -rf $(VENV) .data

@@ -1,0 +1,1 @@
+"""Schema (SQLAlchemy models), migrations and database access."""

@@ -1,0 +1,42 @@
+"""Async connection pools for the hot path (psycopg 3, autocommit + explicit transactions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from billing_core.db.urls import libpq_url
+
+
+async def _configure(conn: AsyncConnection[Any]) -> None:
+    # Explicit `conn.transaction()` blocks everywhere; nothing runs in an implicit one.
+    await conn.set_autocommit(True)
+
+
+async def open_pool(
+    database_url: str, size: int, *, timeout_s: float = 10.0
+) -> AsyncConnectionPool[Any]:
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        libpq_url(database_url),
+        min_size=size,
+        max_size=size,
+        open=False,
+        configure=_configure,
+        timeout=timeout_s,
+        reconnect_timeout=3600.0,
+        kwargs={"application_name": "billing-platform"},
+    )
+    await pool.open(wait=True, timeout=timeout_s)
+    return pool
+
+
+async def ping(pool: AsyncConnectionPool[Any], timeout_s: float = 2.0) -> bool:
+    """True when a pooled connection answers a trivial query in time."""
+    try:
+        async with pool.connection(timeout=timeout_s) as conn:
+            await conn.execute("SELECT 1")
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,713 @@
+"""The quota use cases: CheckAndConsume, Reserve, Commit, Release, Free, GetUsage.
+
+Each use case is one transaction on one connection: validate → claim the request_id →
+load the tenant's plan → lock rows in the global order (see db/quota_store.py) → decide
+with the pure rules of limits.py → write counters, record, ledger and key together.
+A denial, dry run or error rolls everything back, so nothing is written for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+import psycopg
+import structlog
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool
+
+from billing_core.clock import Clock
+from billing_core.db import quota_store as store
+from billing_core.db.quota_store import Conn, CounterKey, TenantContext, UsageRecordRow
+from billing_core.errors import Conflict, InvalidRequest, Unavailable
+from billing_core.ids import new_id
+from billing_core.limits import (
+    Quota,
+    Reason,
+    SubscriptionStatus,
+    Verdict,
+    WindowCount,
+    WindowState,
+    access_reason,
+    crossed_thresholds,
+    decide,
+    denial_message,
+    window_state,
+)
+from billing_core.periods import EPOCH, Window, tenant_zone, window_for
+from billing_core.pricing import TokenUsage, cost_micros
+from billing_core.resources import Overage, Period
+from billing_core.usage import (
+    CommitRequest,
+    CommitResult,
+    ConsumeRequest,
+    Decision,
+    FreeRequest,
+    FreeResult,
+    ReleaseRequest,
+    ReserveRequest,
+    ResourceWindows,
+    UsageReport,
+    UsageRequest,
+    WindowView,
+)
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+_RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+_NO_LIMIT = 1 << 62
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaRules:
+    idempotency_ttl: timedelta = timedelta(hours=24)
+    past_due_grace: timedelta = timedelta(days=3)
+    # how long a call waits for a database connection before answering UNAVAILABLE
+    acquire_timeout_s: float = 2.0
+
+
+class _Denied(Exception):
+    """Raised inside a transaction to roll it back and answer with a denial."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason.value)
+        self.decision = decision
+
+
+class _DryRun(Exception):
+    def __init__(self, decision: Decision) -> None:
+        super().__init__("dry run")
+        self.decision = decision
+
+
+@dataclass(slots=True)
+class _Evaluation:
+    """What one admission (consume or reserve) found under its locks."""
+
+    ctx: TenantContext
+    quotas: tuple[Quota, ...]
+    windows: tuple[Window, ...]
+    counts: dict[CounterKey, tuple[int, int]]
+    expired: list[store.ReservationRow]
+    cost: int
+    verdict: Verdict
+    wallet: tuple[int, int] | None  # (balance, held) when locked
+
+
+class QuotaEngine:
+    def __init__(self, pool: AsyncConnectionPool[Any], clock: Clock, rules: QuotaRules) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._rules = rules
+
+    # --- plumbing ------------------------------------------------------------------
+
+    async def _run(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run a use case on a pooled connection; retry on deadlock/serialization."""
+        for attempt in range(5):
+            try:
+                async with self._pool.connection(timeout=self._rules.acquire_timeout_s) as conn:
+                    return await work(conn)
+            except _RETRYABLE:
+                if attempt == 4:
+                    raise Unavailable("the database kept aborting the transaction") from None
+                await asyncio.sleep(0.001 * 2**attempt)
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- CheckAndConsume / Reserve -------------------------------------------------
+
+    async def consume(self, req: ConsumeRequest) -> Decision:
+        req.validate()
+        return await self._run(lambda conn: self._admit(conn, req, None))
+
+    async def reserve(self, req: ReserveRequest) -> Decision:
+        req.validate()
+        return await self._run(lambda conn: self._admit(conn, req, req.ttl_seconds))
+
+    async def _admit(self, conn: Conn, req: ConsumeRequest, ttl: int | None) -> Decision:
+        now = self._clock.now()
+        operation = "consume" if ttl is None else "reserve"
+        fingerprint = req.fingerprint(operation, {} if ttl is None else {"ttl": ttl})
+        try:
+            async with conn.transaction():
+                if not req.dry_run:
+                    replay = await self._claim(
+                        conn, req.tenant_id, req.request_id, operation, fingerprint, now
+                    )
+                    if replay is not None:
+                        return Decision.from_json(replay, replayed=True)
+                ev = await self._evaluate(conn, req, now)
+                if not ev.verdict.allowed:
+                    raise _Denied(self._denial(ev, req, now))
+                if req.dry_run:
+                    raise _DryRun(self._answer(ev, req, now, applied=False))
+                decision = await self._apply(conn, ev, req, now, ttl)
+                await store.store_response(conn, req.tenant_id, req.request_id, decision.to_json())
+                return decision
+        except _DryRun as dry:
+            return dry.decision
+        except _Denied as denied:
+            upgrade = await self._upgrade_plan(conn, denied.decision, req)
+            return _replace(denied.decision, upgrade_plan_id=upgrade)
+
+    async def _claim(
+        self,
+        conn: Conn,
+        tenant_id: str,
+        request_id: str,
+        operation: str,
+        fingerprint: str,
+        now: datetime,
+    ) -> dict[str, Any] | None:
+        """Take the request_id, or return the stored response of its first success."""
+        claimed = await store.claim_request_id(
+            conn,
+            tenant_id,
+            request_id,
+            operation,
+            fingerprint,
+            now,
+            now + self._rules.idempotency_ttl,
+        )
+        if claimed:
+            return None
+        stored_op, stored_hash, response = await store.read_request_id(conn, tenant_id, request_id)
+        if stored_hash != fingerprint:
+            raise InvalidRequest(
+                f"request_id {request_id!r} was already used for a different request "
+                f"({stored_op}); use a new request_id for new work"
+            )
+        return response
+
+    async def _evaluate(self, conn: Conn, req: ConsumeRequest, now: datetime) -> _Evaluation:
+        lock = not req.dry_run
+        ctx = await store.load_context(conn, req.tenant_id, req.resource, now)
+        quotas = ctx.quotas.get(req.resource, ())
+        cost = await self._cost(conn, req.tokens, now)
+        zone = tenant_zone(ctx.timezone)
+        windows = tuple(window_for(q.period, now, zone, ctx.anchor) for q in quotas)
+        keys = [(req.resource, w.period, w.start) for w in windows]
+        reason = access_reason(ctx.access, now, self._rules.past_due_grace)
+        if reason is not Reason.ALLOWED or not quotas:
+            if reason is Reason.ALLOWED and not ctx.unlimited:
+                reason = Reason.RESOURCE_NOT_IN_PLAN
+            counts = await store.read_counters(conn, req.tenant_id, keys)
+            verdict = Verdict(reason is Reason.ALLOWED, reason)
+            return _Evaluation(ctx, quotas, windows, counts, [], cost, verdict, None)
+        expired = await store.expired_reservations(
+            conn, req.tenant_id, req.resource, now, lock=lock
+        )
+        all_keys = keys + [k for r in expired for k in r.windows]
+        if lock:
+            counts = await store.lock_counters(conn, req.tenant_id, all_keys)
+        else:
+            counts = await store.read_counters(conn, req.tenant_id, all_keys)
+        for r in expired:  # expired reservations stop counting (released lazily, here)
+            for k in r.windows:
+                used, reserved = counts[k]
+                counts[k] = (used, reserved - r.amount)
+        wcs = _window_counts(quotas, windows, counts, req.resource)
+        verdict = decide(wcs, req.amount, cost, _NO_LIMIT, unlimited=ctx.unlimited)
+        wallet: tuple[int, int] | None = None
+        needs_wallet = verdict.charge_micros > 0 or any(r.held_micros for r in expired)
+        if verdict.allowed and needs_wallet:
+            if lock:
+                wallet = await store.lock_wallet(conn, req.tenant_id, now)
+                balance, held = wallet
+            else:
+                balance, held = ctx.wallet_live_micros, 0
+            held -= sum(r.held_micros for r in expired)
+            verdict = decide(wcs, req.amount, cost, balance - held, unlimited=ctx.unlimited)
+        return _Evaluation(ctx, quotas, windows, counts, expired, cost, verdict, wallet)
+
+    async def _cost(self, conn: Conn, tokens: TokenUsage | None, now: datetime) -> int:
+        if tokens is None:
+            return 0
+        price = await store.price_at(conn, tokens.provider, tokens.model, now)
+        return cost_micros(tokens, price)
+
+    async def _apply(
+        self, conn: Conn, ev: _Evaluation, req: ConsumeRequest, now: datetime, ttl: int | None
+    ) -> Decision:
+        tenant = req.tenant_id
+        deltas: dict[CounterKey, tuple[int, int]] = {}
+        for r in ev.expired:
+            for k in r.windows:
+                _add(deltas, k, 0, -r.amount)
+        if ev.expired:
+            await store.finish_reservations(
+                conn, tenant, [r.reservation_id for r in ev.expired], "expired", now
+            )
+        for w in ev.windows:
+            key = (req.resource, w.period, w.start)
+            _add(deltas, key, 0, req.amount) if ttl is not None else _add(
+                deltas, key, req.amount, 0
+            )
+        # counts were adjusted for expiry already; the DB rows were not
+        await store.add_to_counters(conn, tenant, deltas)
+        charge = ev.verdict.charge_micros
+        balance = ev.ctx.wallet_live_micros
+        hold_delta = (charge if ttl is not None else 0) - sum(r.held_micros for r in ev.expired)
+        record_id = ""
+        reservation_id = ""
+        expires_at = None
+        if ttl is None:
+            record_id = new_id("ur", now)
+            await store.insert_usage_record(
+                conn,
+                tenant,
+                _record(req, record_id, "consume", ev, now, charge),
+            )
+        else:
+            reservation_id = new_id("rsv", now)
+            expires_at = now + timedelta(seconds=ttl)
+            await store.insert_reservation(
+                conn,
+                tenant,
+                reservation_id,
+                req.request_id,
+                req.resource,
+                req.amount,
+                [(req.resource, w.period, w.start) for w in ev.windows],
+                charge,
+                req.labels,
+                now,
+                expires_at,
+            )
+        if ev.wallet is not None:
+            balance = await store.change_wallet(
+                conn,
+                tenant,
+                *ev.wallet,
+                debit_micros=0 if ttl is not None else charge,
+                hold_delta_micros=hold_delta,
+                usage_record_id=record_id or None,
+                now=now,
+            )
+        await self._notify(conn, ev, req.resource, req.amount, now)
+        answer = self._answer(ev, req, now, applied=True)
+        return _replace(
+            answer,
+            wallet_balance_micros=balance,
+            usage_record_id=record_id,
+            reservation_id=reservation_id,
+            expires_at=expires_at,
+        )
+
+    def _answer(
+        self, ev: _Evaluation, req: ConsumeRequest, now: datetime, *, applied: bool
+    ) -> Decision:
+        """The allowed decision: windows as they are after the request takes effect."""
+        windows = _views(
+            ev.quotas, ev.windows, ev.counts, req.resource, req.amount, ev.ctx.unlimited
+        )
+        return Decision(
+            allowed=True,
+            reason=Reason.ALLOWED,
+            windows=windows,
+            cost_micros=ev.cost,
+            wallet_balance_micros=ev.ctx.wallet_live_micros,
+        )
+
+    def _denial(self, ev: _Evaluation, req: ConsumeRequest, now: datetime) -> Decision:
+        return Decision(
+            allowed=False,
+            reason=ev.verdict.reason,
+            windows=_views(ev.quotas, ev.windows, ev.counts, req.resource, 0, ev.ctx.unlimited),
+            cost_micros=ev.cost,
+            wallet_balance_micros=ev.ctx.wallet_live_micros,
+            message=denial_message(ev.verdict, req.resource, ev.ctx.timezone, now, req.amount),
+            upgrade_plan_id=ev.ctx.plan_id or "",  # replaced by _upgrade_plan
+        )
+
+    async def _upgrade_plan(self, conn: Conn, denial: Decision, req: ConsumeRequest) -> str:
+        """The cheapest active self-serve plan that would have allowed the request."""
+        if denial.reason is Reason.PAYMENT_PAST_DUE:
+            return ""
+        current = denial.upgrade_plan_id or None
+        levels = {w.period: w.used for w in denial.windows}
+        for offer in await store.plan_offers(conn, req.resource, current):
+            if offer.unlimited:
+                return offer.plan_id
+            if offer.quotas and all(
+                levels.get(q.period, 0) + req.amount <= q.limit for q in offer.quotas
+            ):
+                return offer.plan_id
+        return ""
+
+    async def _notify(
+        self, conn: Conn, ev: _Evaluation, resource: str, amount: int, now: datetime
+    ) -> None:
+        rows = []
+        for quota, window in zip(ev.quotas, ev.windows, strict=True):
+            used, reserved = ev.counts[(resource, window.period, window.start)]
+            before = used + reserved
+            for threshold in crossed_thresholds(before, before + amount, quota):
+                rows.append(_threshold_row(quota, window, threshold, before + amount))
+        if rows:
+            await store.insert_notifications(conn, ev.ctx.tenant_id, rows, now)
+
+    # --- Commit / Release ------------------------------------------------------------
+
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        req.validate()
+        return await self._run(lambda conn: self._commit(conn, req))
+
+    async def _commit(self, conn: Conn, req: CommitRequest) -> CommitResult:
+        now = self._clock.now()
+        fingerprint = ConsumeRequest(
+            req.tenant_id, "tokens", req.amount, "commit", tokens=req.tokens, labels=req.labels
+        ).fingerprint("commit")
+        async with conn.transaction():
+            res = await store.lock_reservation(conn, req.tenant_id, req.reservation_id)
+            if res.status == "committed":
+                stored = res.commit_response or {}
+                if stored.get("fingerprint") != fingerprint:
+                    raise InvalidRequest(
+                        f"reservation {req.reservation_id!r} was already committed with "
+                        "different values"
+                    )
+                return CommitResult.from_json(stored, replayed=True)
+            if res.status == "released":
+                raise Conflict(
+                    f"reservation {req.reservation_id!r} was released; it cannot be committed"
+                )
+            ctx = await store.load_context(conn, req.tenant_id, res.resource, now)
+            quotas = ctx.quotas.get(res.resource, ())
+            cost = await self._cost(conn, req.tokens, now)
+            zone = tenant_zone(ctx.timezone)
+            windows = tuple(window_for(q.period, now, zone, ctx.anchor) for q in quotas)
+            keys = [(res.resource, w.period, w.start) for w in windows]
+            live = res.status == "active"  # its amount is still in the counters
+            counts = await store.lock_counters(
+                conn, req.tenant_id, keys + (list(res.windows) if live else [])
+            )
+            deltas: dict[CounterKey, tuple[int, int]] = {}
+            if live:
+                for k in res.windows:
+                    _add(deltas, k, 0, -res.amount)
+                    used, reserved = counts[k]
+                    counts[k] = (used, reserved - res.amount)
+            wcs = _window_counts(quotas, windows, counts, res.resource)
+            charge, over_limit = _commit_charge(wcs, req.amount, cost, ctx.unlimited)
+            held_back = res.held_micros if live else 0
+            balance = ctx.wallet_live_micros
+            paid = 0
+            record_id = new_id("ur", now)
+            if charge or held_back:
+                wallet_balance, held = await store.lock_wallet(conn, req.tenant_id, now)
+                paid = min(charge, wallet_balance - (held - held_back))
+                balance = await store.change_wallet(
+                    conn,
+                    req.tenant_id,
+                    wallet_balance,
+                    held,
+                    debit_micros=paid,
+                    hold_delta_micros=-held_back,
+                    usage_record_id=record_id,
+                    now=now,
+                )
+            for k in keys:
+                _add(deltas, k, req.amount, 0)
+            await store.add_to_counters(conn, req.tenant_id, deltas)
+            await store.insert_usage_record(
+                conn,
+                req.tenant_id,
+                UsageRecordRow(
+                    record_id,
+                    res.resource,
+                    req.amount,
+                    "commit",
+                    res.request_id,
+                    res.reservation_id,
+                    ctx.plan_id,
+                    *_token_fields(req.tokens),
+                    cost,
+                    paid,
+                    over_limit or paid < charge,
+                    req.labels,
+                    now,
+                ),
+            )
+            ev = _Evaluation(
+                ctx, quotas, windows, counts, [], cost, Verdict(True, Reason.ALLOWED), None
+            )
+            await self._notify(conn, ev, res.resource, req.amount, now)
+            result = CommitResult(
+                usage_record_id=record_id,
+                cost_micros=cost,
+                windows=_views(quotas, windows, counts, res.resource, req.amount, ctx.unlimited),
+                wallet_balance_micros=balance,
+            )
+            await store.finish_reservations(
+                conn,
+                req.tenant_id,
+                [res.reservation_id],
+                "committed",
+                now,
+                record_id,
+                {**result.to_json(), "fingerprint": fingerprint},
+            )
+            return result
+
+    async def release(self, req: ReleaseRequest) -> bool:
+        req.validate()
+        return await self._run(
+            lambda conn: self._release(conn, req.tenant_id, req.reservation_id, "released")
+        )
+
+    async def _release(self, conn: Conn, tenant_id: str, reservation_id: str, status: str) -> bool:
+        now = self._clock.now()
+        async with conn.transaction():
+            res = await store.lock_reservation(conn, tenant_id, reservation_id)
+            if res.status != "active" or (status == "expired" and res.expires_at > now):
+                return False
+            await store.lock_counters(conn, tenant_id, res.windows)
+            await store.add_to_counters(conn, tenant_id, {k: (0, -res.amount) for k in res.windows})
+            if res.held_micros:
+                balance, held = await store.lock_wallet(conn, tenant_id, now)
+                await store.change_wallet(
+                    conn, tenant_id, balance, held, hold_delta_micros=-res.held_micros, now=now
+                )
+            await store.finish_reservations(conn, tenant_id, [reservation_id], status, now)
+            return True
+
+    async def sweep_expired(self, limit: int = 500) -> int:
+        """Release reservations past their expiry (the periodic half of lazy expiry)."""
+        now = self._clock.now()
+        due = await self._run(lambda conn: store.expired_reservation_ids(conn, now, limit))
+        swept = 0
+        for tenant_id, reservation_id in due:
+            work = partial(
+                self._release, tenant_id=tenant_id, reservation_id=reservation_id, status="expired"
+            )
+            if await self._run(work):
+                swept += 1
+        return swept
+
+    # --- Free ------------------------------------------------------------------------
+
+    async def free(self, req: FreeRequest) -> FreeResult:
+        req.validate()
+        return await self._run(lambda conn: self._free(conn, req))
+
+    async def _free(self, conn: Conn, req: FreeRequest) -> FreeResult:
+        now = self._clock.now()
+        async with conn.transaction():
+            replay = await self._claim(
+                conn, req.tenant_id, req.request_id, "free", req.fingerprint(), now
+            )
+            if replay is not None:
+                return FreeResult.from_json(replay, replayed=True)
+            ctx = await store.load_context(conn, req.tenant_id, req.resource, now)
+            quotas = ctx.quotas.get(req.resource, ())
+            if not any(q.period is Period.CUMULATIVE for q in quotas):
+                raise InvalidRequest(
+                    f"{req.resource} has no cumulative quota in the current plan; Free only "
+                    "lowers cumulative resources (agents, bots, boards, files, storage …)"
+                )
+            zone = tenant_zone(ctx.timezone)
+            windows = tuple(window_for(q.period, now, zone, ctx.anchor) for q in quotas)
+            counts = await store.lock_counters(
+                conn, req.tenant_id, [(req.resource, w.period, w.start) for w in windows]
+            )
+            level_key = (req.resource, Period.CUMULATIVE, EPOCH)
+            in_use = counts[level_key][0]
+            if req.amount > in_use:
+                raise InvalidRequest(
+                    f"cannot free {req.amount:,} {req.resource}: only {in_use:,} in use"
+                )
+            await store.add_to_counters(conn, req.tenant_id, {level_key: (-req.amount, 0)})
+            used, reserved = counts[level_key]
+            counts[level_key] = (used - req.amount, reserved)
+            await store.insert_usage_record(
+                conn,
+                req.tenant_id,
+                UsageRecordRow(
+                    new_id("ur", now),
+                    req.resource,
+                    -req.amount,
+                    "free",
+                    req.request_id,
+                    None,
+                    ctx.plan_id,
+                    None,
+                    None,
+                    0,
+                    0,
+                    0,
+                    0,
+                    False,
+                    {},
+                    now,
+                ),
+            )
+            result = FreeResult(_views(quotas, windows, counts, req.resource, 0, ctx.unlimited))
+            await store.store_response(conn, req.tenant_id, req.request_id, result.to_json())
+            return result
+
+    # --- GetUsage --------------------------------------------------------------------
+
+    async def usage(self, req: UsageRequest) -> UsageReport:
+        req.validate()
+        return await self._run(lambda conn: self._usage(conn, req))
+
+    async def _usage(self, conn: Conn, req: UsageRequest) -> UsageReport:
+        now = self._clock.now()
+        async with conn.transaction():
+            ctx = await store.load_context(conn, req.tenant_id, req.resource, now)
+            zone = tenant_zone(ctx.timezone)
+            keys: list[CounterKey] = []
+            per_resource: dict[str, tuple[tuple[Quota, ...], tuple[Window, ...]]] = {}
+            for resource in sorted(ctx.quotas):
+                quotas = ctx.quotas[resource]
+                windows = tuple(window_for(q.period, now, zone, ctx.anchor) for q in quotas)
+                per_resource[resource] = (quotas, windows)
+                keys += [(resource, w.period, w.start) for w in windows]
+            counts = await store.read_counters(conn, req.tenant_id, keys)
+            for r in await store.expired_reservations(
+                conn, req.tenant_id, req.resource, now, lock=False
+            ):
+                for k in r.windows:
+                    if k in counts:
+                        used, reserved = counts[k]
+                        counts[k] = (used, reserved - r.amount)
+        reason = access_reason(ctx.access, now, self._rules.past_due_grace)
+        status = ctx.access.status
+        if status is SubscriptionStatus.TRIALING and reason is Reason.TRIAL_EXPIRED:
+            status = SubscriptionStatus.TRIAL_EXPIRED
+        return UsageReport(
+            plan_id=ctx.plan_id or "",
+            subscription_status=status.value if status else "none",
+            trial_ends_at=ctx.trial_end,
+            resources=tuple(
+                ResourceWindows(res, _views(q, w, counts, res, 0, ctx.unlimited))
+                for res, (q, w) in per_resource.items()
+            ),
+            wallet_balance_micros=ctx.wallet_live_micros,
+        )
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _add(
+    deltas: dict[CounterKey, tuple[int, int]], key: CounterKey, used: int, reserved: int
+) -> None:
+    du, dr = deltas.get(key, (0, 0))
+    deltas[key] = (du + used, dr + reserved)
+
+
+def _window_counts(
+    quotas: Sequence[Quota],
+    windows: Sequence[Window],
+    counts: Mapping[CounterKey, tuple[int, int]],
+    resource: str,
+) -> list[WindowCount]:
+    return [
+        WindowCount(q, w, *counts[(resource, w.period, w.start)])
+        for q, w in zip(quotas, windows, strict=True)
+    ]
+
+
+def _views(
+    quotas: Sequence[Quota],
+    windows: Sequence[Window],
+    counts: Mapping[CounterKey, tuple[int, int]],
+    resource: str,
+    added: int,
+    unlimited: bool,
+) -> tuple[WindowView, ...]:
+    views = []
+    for q, w in zip(quotas, windows, strict=True):
+        used, reserved = counts[(resource, w.period, w.start)]
+        level = used + reserved + added
+        views.append(
+            WindowView(
+                period=q.period,
+                limit=q.limit,
+                used=level,
+                remaining=max(0, q.limit - level),
+                resets_at=w.resets_at,
+                state=WindowState.OK if unlimited else window_state(level, q),
+                unlimited=unlimited,
+                window_start=w.start,
+            )
+        )
+    return tuple(views)
+
+
+def _commit_charge(
+    wcs: Sequence[WindowCount], amount: int, cost: int, unlimited: bool
+) -> tuple[int, bool]:
+    """What a commit owes the wallet, and whether it went past a blocking limit."""
+    if unlimited:
+        return 0, False
+    over_block = any(
+        c.level + amount > c.quota.limit for c in wcs if c.quota.overage is Overage.BLOCK
+    )
+    over_units = max(
+        (
+            min(amount, c.level + amount - max(c.quota.limit, c.level))
+            for c in wcs
+            if c.quota.overage is Overage.WALLET and c.level + amount > c.quota.limit
+        ),
+        default=0,
+    )
+    charge = -(-cost * over_units // amount) if over_units else 0
+    return charge, over_block or (over_units > 0 and cost == 0)
+
+
+def _token_fields(tokens: TokenUsage | None) -> tuple[str | None, str | None, int, int]:
+    if tokens is None:
+        return None, None, 0, 0
+    return tokens.provider, tokens.model, tokens.input_tokens, tokens.output_tokens
+
+
+def _record(
+    req: ConsumeRequest, record_id: str, kind: str, ev: _Evaluation, now: datetime, charge: int
+) -> UsageRecordRow:
+    return UsageRecordRow(
+        record_id,
+        req.resource,
+        req.amount,
+        kind,
+        req.request_id,
+        None,
+        ev.ctx.plan_id,
+        *_token_fields(req.tokens),
+        ev.cost,
+        charge,
+        False,
+        req.labels,
+        now,
+    )
+
+
+def _threshold_row(
+    quota: Quota, window: Window, threshold: int, level: int
+) -> tuple[str, str, str, dict[str, Any]]:
+    key = f"threshold:{quota.resource}:{quota.period.value}:{window.start.isoformat()}:{threshold}"
+    message = (
+        f"{quota.period.value.capitalize()} {quota.resource} usage reached {threshold}% "
+        f"of the {quota.limit:,} limit."
+    )
+    details = {
+        "resource": quota.resource,
+        "period": quota.period.value,
+        "window_start": window.start.isoformat(),
+        "threshold": threshold,
+        "limit": quota.limit,
+        "used": level,
+    }
+    return "threshold", key, message, details
+
+
+def _replace(decision: Decision, **changes: Any) -> Decision:
+    return replace(decision, **changes)

@@ -1,0 +1,97 @@
+"""Every setting of every process, read from the environment into one typed object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Self
+
+from billing_core.errors import InvalidRequest
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidRequest(f"setting {name} must be an integer, got {raw!r}") from None
+
+
+def _str(env: Mapping[str, str], name: str, default: str = "") -> str:
+    return env.get(name, "").strip() or default
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Documented one by one in the README's settings table."""
+
+    database_url: str = ""
+    # quota sidecar
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    metrics_port: int = 9464
+    grpc_auth_token: str = ""
+    grpc_tls_cert_file: str = ""
+    grpc_tls_key_file: str = ""
+    db_pool_size: int = 8
+    db_acquire_timeout_ms: int = 2000
+    drain_seconds: int = 10
+    # quota rules
+    idempotency_ttl_hours: int = 24
+    past_due_grace_days: int = 3
+    reservation_sweep_seconds: int = 30
+    # control plane
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    admin_api_key: str = ""
+    # logging
+    log_level: str = "info"
+    log_format: str = "auto"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        env = os.environ if env is None else env
+        settings = cls(
+            database_url=_str(env, "DATABASE_URL"),
+            grpc_host=_str(env, "QUOTA_GRPC_HOST", "127.0.0.1"),
+            grpc_port=_int(env, "QUOTA_GRPC_PORT", 50051),
+            metrics_port=_int(env, "QUOTA_METRICS_PORT", 9464),
+            grpc_auth_token=_str(env, "QUOTA_AUTH_TOKEN"),
+            grpc_tls_cert_file=_str(env, "QUOTA_TLS_CERT_FILE"),
+            grpc_tls_key_file=_str(env, "QUOTA_TLS_KEY_FILE"),
+            db_pool_size=_int(env, "QUOTA_DB_POOL_SIZE", 8),
+            db_acquire_timeout_ms=_int(env, "QUOTA_DB_ACQUIRE_TIMEOUT_MS", 2000),
+            drain_seconds=_int(env, "QUOTA_DRAIN_SECONDS", 10),
+            idempotency_ttl_hours=_int(env, "IDEMPOTENCY_TTL_HOURS", 24),
+            past_due_grace_days=_int(env, "PAST_DUE_GRACE_DAYS", 3),
+            reservation_sweep_seconds=_int(env, "RESERVATION_SWEEP_SECONDS", 30),
+            http_host=_str(env, "CONTROL_PLANE_HOST", "127.0.0.1"),
+            http_port=_int(env, "CONTROL_PLANE_PORT", 8000),
+            admin_api_key=_str(env, "ADMIN_API_KEY"),
+            log_level=_str(env, "LOG_LEVEL", "info").lower(),
+            log_format=_str(env, "LOG_FORMAT", "auto").lower(),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if bool(self.grpc_tls_cert_file) != bool(self.grpc_tls_key_file):
+            raise InvalidRequest("QUOTA_TLS_CERT_FILE and QUOTA_TLS_KEY_FILE go together")
+        if self.idempotency_ttl_hours < 24:
+            raise InvalidRequest("IDEMPOTENCY_TTL_HOURS must be at least 24")
+        if self.past_due_grace_days < 0:
+            raise InvalidRequest("PAST_DUE_GRACE_DAYS must not be negative")
+        if self.log_format not in {"auto", "json", "console"}:
+            raise InvalidRequest("LOG_FORMAT must be auto, json or console")
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise InvalidRequest("DATABASE_URL is not set (make run sets it for you)")
+        return self.database_url
+
+    def with_changes(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,299 @@
+"""The quota use cases' own request and result types, validation and JSON form.
+
+Transports build these from their wire messages; the engine never sees protobuf.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from billing_core.errors import InvalidRequest
+from billing_core.limits import Reason, WindowState
+from billing_core.pricing import TokenUsage
+from billing_core.resources import Period, validate_resource
+
+MAX_REQUEST_ID = 128
+MAX_LABELS = 32
+MAX_LABEL_CHARS = 256
+DEFAULT_TTL_SECONDS = 300
+MAX_TTL_SECONDS = 3600
+_EMPTY: Mapping[str, str] = {}
+
+
+def _require_tenant(tenant_id: str) -> None:
+    if not tenant_id or len(tenant_id) > 128:
+        raise InvalidRequest("tenant_id is required (at most 128 characters)")
+
+
+def _require_amount(amount: int) -> None:
+    if amount <= 0:
+        raise InvalidRequest(f"amount must be a positive integer, got {amount}")
+
+
+def _require_request_id(request_id: str) -> None:
+    if not request_id or len(request_id) > MAX_REQUEST_ID:
+        raise InvalidRequest("request_id is required (the idempotency key, at most 128 characters)")
+
+
+def _require_labels(labels: Mapping[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidRequest(f"at most {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not key or len(key) > MAX_LABEL_CHARS or len(value) > MAX_LABEL_CHARS:
+            raise InvalidRequest(
+                f"label keys must be non-empty; keys and values ≤ {MAX_LABEL_CHARS}"
+            )
+
+
+def _require_reservation_id(reservation_id: str) -> None:
+    if not reservation_id or len(reservation_id) > 40:
+        raise InvalidRequest("reservation_id is required")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeRequest:
+    tenant_id: str
+    resource: str
+    amount: int
+    request_id: str
+    dry_run: bool = False
+    tokens: TokenUsage | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_tenant(self.tenant_id)
+        validate_resource(self.resource)
+        _require_amount(self.amount)
+        _require_request_id(self.request_id)
+        _require_labels(self.labels)
+        if self.tokens is not None:
+            self.tokens.validate()
+
+    def fingerprint(self, operation: str, extra: Mapping[str, Any] = _EMPTY) -> str:
+        """What must match for a retry with the same request_id to be the same request."""
+        tokens = self.tokens
+        body = {
+            "op": operation,
+            "resource": self.resource,
+            "amount": self.amount,
+            "tokens": None
+            if tokens is None
+            else [tokens.provider, tokens.model, tokens.input_tokens, tokens.output_tokens],
+            "labels": dict(sorted(self.labels.items())),
+            **extra,
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest(ConsumeRequest):
+    ttl_seconds: int = DEFAULT_TTL_SECONDS
+
+    def validate(self) -> None:
+        ConsumeRequest.validate(self)
+        if not 0 < self.ttl_seconds <= MAX_TTL_SECONDS:
+            raise InvalidRequest(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS}")
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequest:
+    tenant_id: str
+    reservation_id: str
+    amount: int
+    tokens: TokenUsage | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require_tenant(self.tenant_id)
+        _require_reservation_id(self.reservation_id)
+        _require_amount(self.amount)
+        _require_labels(self.labels)
+        if self.tokens is not None:
+            self.tokens.validate()
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRequest:
+    tenant_id: str
+    reservation_id: str
+
+    def validate(self) -> None:
+        _require_tenant(self.tenant_id)
+        _require_reservation_id(self.reservation_id)
+
+
+@dataclass(frozen=True, slots=True)
+class FreeRequest:
+    tenant_id: str
+    resource: str
+    amount: int
+    request_id: str
+
+    def validate(self) -> None:
+        _require_tenant(self.tenant_id)
+        validate_resource(self.resource)
+        _require_amount(self.amount)
+        _require_request_id(self.request_id)
+
+    def fingerprint(self) -> str:
+        body = {"op": "free", "resource": self.resource, "amount": self.amount}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRequest:
+    tenant_id: str
+    resource: str | None = None
+
+    def validate(self) -> None:
+        _require_tenant(self.tenant_id)
+        if self.resource is not None:
+            validate_resource(self.resource)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowView:
+    period: Period
+    limit: int
+    used: int
+    remaining: int
+    resets_at: datetime | None
+    state: WindowState
+    unlimited: bool = False
+    window_start: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "period": self.period.value,
+            "limit": self.limit,
+            "used": self.used,
+            "remaining": self.remaining,
+            "resets_at": None if self.resets_at is None else self.resets_at.isoformat(),
+            "state": self.state.value,
+            "unlimited": self.unlimited,
+            "window_start": None if self.window_start is None else self.window_start.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> WindowView:
+        return cls(
+            period=Period(data["period"]),
+            limit=data["limit"],
+            used=data["used"],
+            remaining=data["remaining"],
+            resets_at=_dt(data["resets_at"]),
+            state=WindowState(data["state"]),
+            unlimited=data["unlimited"],
+            window_start=_dt(data.get("window_start")),
+        )
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to CheckAndConsume and Reserve."""
+
+    allowed: bool
+    reason: Reason
+    windows: tuple[WindowView, ...]
+    cost_micros: int = 0
+    wallet_balance_micros: int = 0
+    usage_record_id: str = ""
+    replayed: bool = False
+    message: str = ""
+    upgrade_plan_id: str = ""
+    reservation_id: str = ""
+    expires_at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "allowed": self.allowed,
+            "reason": self.reason.value,
+            "windows": [w.to_json() for w in self.windows],
+            "cost_micros": self.cost_micros,
+            "wallet_balance_micros": self.wallet_balance_micros,
+            "usage_record_id": self.usage_record_id,
+            "message": self.message,
+            "upgrade_plan_id": self.upgrade_plan_id,
+            "reservation_id": self.reservation_id,
+            "expires_at": None if self.expires_at is None else self.expires_at.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, replayed: bool) -> Decision:
+        return cls(
+            allowed=data["allowed"],
+            reason=Reason(data["reason"]),
+            windows=tuple(WindowView.from_json(w) for w in data["windows"]),
+            cost_micros=data["cost_micros"],
+            wallet_balance_micros=data["wallet_balance_micros"],
+            usage_record_id=data["usage_record_id"],
+            replayed=replayed,
+            message=data["message"],
+            upgrade_plan_id=data["upgrade_plan_id"],
+            reservation_id=data["reservation_id"],
+            expires_at=_dt(data["expires_at"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    usage_record_id: str
+    cost_micros: int
+    windows: tuple[WindowView, ...]
+    wallet_balance_micros: int
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "usage_record_id": self.usage_record_id,
+            "cost_micros": self.cost_micros,
+            "windows": [w.to_json() for w in self.windows],
+            "wallet_balance_micros": self.wallet_balance_micros,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, replayed: bool) -> CommitResult:
+        return cls(
+            usage_record_id=data["usage_record_id"],
+            cost_micros=data["cost_micros"],
+            windows=tuple(WindowView.from_json(w) for w in data["windows"]),
+            wallet_balance_micros=data["wallet_balance_micros"],
+            replayed=replayed,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FreeResult:
+    windows: tuple[WindowView, ...]
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"windows": [w.to_json() for w in self.windows]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, replayed: bool) -> FreeResult:
+        return cls(tuple(WindowView.from_json(w) for w in data["windows"]), replayed=replayed)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceWindows:
+    resource: str
+    windows: tuple[WindowView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    plan_id: str
+    subscription_status: str
+    trial_ends_at: datetime | None
+    resources: tuple[ResourceWindows, ...]
+    wallet_balance_micros: int

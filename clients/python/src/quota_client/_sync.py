@@ -1,0 +1,214 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+from quota.v1 import quota_service_pb2 as pb
+from quota.v1 import quota_service_pb2_grpc as pb_grpc
+
+from quota_client._messages import (
+    RETRYABLE,
+    FailureMode,
+    QuotaUnavailable,
+    Tokens,
+    commit_request,
+    consume_request,
+    metadata,
+    new_request_id,
+    reserve_request,
+    unreachable_consume,
+    unreachable_reserve,
+)
+
+R = TypeVar("R")
+
+
+class QuotaClient:
+    """Typed blocking client for quota.v1.QuotaService.
+
+    Every call has a deadline (`timeout`, default `default_timeout`), is retried on
+    UNAVAILABLE with the same request_id (so a retry is never counted twice), and, when
+    the sidecar stays unreachable, follows the call's `failure_mode`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        default_timeout: float = 2.0,
+        retries: int = 3,
+        backoff: float = 0.05,
+    ) -> None:
+        self._channel = (
+            grpc.secure_channel(target, credentials)
+            if credentials
+            else grpc.insecure_channel(target)
+        )
+        self._stub = pb_grpc.QuotaServiceStub(self._channel)
+        self._metadata = metadata(token)
+        self._timeout = default_timeout
+        self._retries = retries
+        self._backoff = backoff
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, fn: Callable[..., R], request: object, timeout: float | None) -> R:
+        for attempt in range(self._retries + 1):
+            try:
+                return fn(request, timeout=timeout or self._timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code not in RETRYABLE or attempt == self._retries:
+                    if code in RETRYABLE:
+                        raise QuotaUnavailable(str(exc)) from exc
+                    raise
+                time.sleep(self._backoff * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def check_and_consume(
+        self,
+        tenant_id: str,
+        resource: str,
+        amount: int,
+        *,
+        request_id: str | None = None,
+        dry_run: bool = False,
+        tokens: Tokens | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        failure_mode: FailureMode = FailureMode.RAISE,
+    ) -> pb.CheckAndConsumeResponse:
+        request = consume_request(tenant_id, resource, amount, request_id, dry_run, tokens, labels)
+        try:
+            return self._call(self._stub.CheckAndConsume, request, timeout)
+        except QuotaUnavailable:
+            if failure_mode is FailureMode.RAISE:
+                raise
+            return unreachable_consume(failure_mode)
+
+    def reserve(
+        self,
+        tenant_id: str,
+        resource: str,
+        amount: int,
+        *,
+        request_id: str | None = None,
+        ttl_seconds: int = 300,
+        tokens: Tokens | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        failure_mode: FailureMode = FailureMode.RAISE,
+    ) -> Reservation:
+        """Reserve `amount`; use as `with client.reserve(...) as r: ...; r.commit(actual)`."""
+        request = reserve_request(
+            tenant_id, resource, amount, request_id, ttl_seconds, tokens, labels
+        )
+        try:
+            response = self._call(self._stub.Reserve, request, timeout)
+        except QuotaUnavailable:
+            if failure_mode is FailureMode.RAISE:
+                raise
+            response = unreachable_reserve(failure_mode)
+        return Reservation(self, tenant_id, response)
+
+    def commit(
+        self,
+        tenant_id: str,
+        reservation_id: str,
+        amount: int,
+        *,
+        tokens: Tokens | None = None,
+        labels: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> pb.CommitResponse:
+        request = commit_request(tenant_id, reservation_id, amount, tokens, labels)
+        return self._call(self._stub.Commit, request, timeout)
+
+    def release(
+        self, tenant_id: str, reservation_id: str, *, timeout: float | None = None
+    ) -> pb.ReleaseResponse:
+        request = pb.ReleaseRequest(tenant_id=tenant_id, reservation_id=reservation_id)
+        return self._call(self._stub.Release, request, timeout)
+
+    def free(
+        self,
+        tenant_id: str,
+        resource: str,
+        amount: int,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> pb.FreeResponse:
+        request = pb.FreeRequest(
+            tenant_id=tenant_id,
+            resource=resource,
+            amount=amount,
+            request_id=request_id or new_request_id(),
+        )
+        return self._call(self._stub.Free, request, timeout)
+
+    def get_usage(
+        self, tenant_id: str, resource: str | None = None, *, timeout: float | None = None
+    ) -> pb.GetUsageResponse:
+        request = pb.GetUsageRequest(tenant_id=tenant_id, resource=resource)
+        return self._call(self._stub.GetUsage, request, timeout)
+
+
+class Reservation:
+    """A reservation as a context manager: released on exit unless committed."""
+
+    def __init__(self, client: QuotaClient, tenant_id: str, response: pb.ReserveResponse) -> None:
+        self._client = client
+        self.tenant_id = tenant_id
+        self.response = response
+        self.committed: pb.CommitResponse | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.response.allowed
+
+    @property
+    def reservation_id(self) -> str:
+        return self.response.reservation_id
+
+    def commit(
+        self,
+        amount: int,
+        *,
+        tokens: Tokens | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> pb.CommitResponse:
+        if not self.reservation_id:
+            raise RuntimeError(
+                f"nothing to commit: the reservation was denied ({self.response.message})"
+            )
+        self.committed = self._client.commit(
+            self.tenant_id, self.reservation_id, amount, tokens=tokens, labels=labels
+        )
+        return self.committed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.committed is None and self.reservation_id:
+            self._client.release(self.tenant_id, self.reservation_id)

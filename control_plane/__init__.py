@@ -1,0 +1,1 @@
+"""The Starlette billing control plane: admin/integration API, webhooks, billing UI."""

@@ -1,0 +1,94 @@
+"""`python -m control_plane [serve|create-api-key|seed-demo|list-plans|expire-trials|migrate]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import uvicorn
+
+from billing_core import demo
+from billing_core.api_keys import create_api_key
+from billing_core.db.migrate import upgrade
+from billing_core.db.pool import open_pool
+from billing_core.db.quota_store import Conn
+from billing_core.errors import QuotaError
+from billing_core.logs import configure_logging
+from billing_core.settings import Settings
+from control_plane.app import create_app
+
+
+async def _with_conn(settings: Settings, work: Callable[[Conn], Awaitable[None]]) -> None:
+    pool = await open_pool(settings.require_database(), 1)
+    try:
+        async with pool.connection() as conn:
+            await work(conn)
+    finally:
+        await pool.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m control_plane", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the HTTP control plane (the default)")
+    key = sub.add_parser("create-api-key", help="create an admin API key and print it once")
+    key.add_argument("--name", default="admin", help="a label for the key")
+    sub.add_parser("seed-demo", help="create the demo plans, prices and tenants (once)")
+    sub.add_parser("list-plans", help="print the plans")
+    sub.add_parser("expire-trials", help="move trials past their end to trial_expired")
+    sub.add_parser("migrate", help="apply database migrations")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    configure_logging(settings.log_level, settings.log_format)
+    now = datetime.now(UTC)
+    try:
+        if args.command in (None, "serve"):
+            uvicorn.run(
+                create_app(settings),
+                host=settings.http_host,
+                port=settings.http_port,
+                log_level="warning",
+            )
+        elif args.command == "migrate":
+            upgrade(settings.require_database())
+        elif args.command == "create-api-key":
+
+            async def make_key(conn: Conn) -> None:
+                print(await create_api_key(conn, args.name, now))
+
+            asyncio.run(_with_conn(settings, make_key))
+        elif args.command == "seed-demo":
+
+            async def seed(conn: Conn) -> None:
+                print("seeded" if await demo.seed_demo(conn, now) else "already seeded")
+
+            asyncio.run(_with_conn(settings, seed))
+        elif args.command == "list-plans":
+
+            async def plans(conn: Conn) -> None:
+                cur = await conn.execute(
+                    "SELECT plan_id, name, price_cents, currency, active FROM plans"
+                    " ORDER BY price_cents, plan_id"
+                )
+                for plan_id, name, price, currency, active in await cur.fetchall():
+                    state = "active" if active else "archived"
+                    print(f"{plan_id}\t{name}\t{price / 100:.2f} {currency}\t{state}")
+
+            asyncio.run(_with_conn(settings, plans))
+        elif args.command == "expire-trials":
+
+            async def expire(conn: Conn) -> None:
+                print(f"expired {await demo.expire_trials(conn, now)} trial(s)")
+
+            asyncio.run(_with_conn(settings, expire))
+    except QuotaError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Wire messages ↔ the engine's own types; nothing else lives here."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from quota.v1 import quota_service_pb2 as pb
+
+from billing_core.limits import Reason, WindowState
+from billing_core.pricing import TokenUsage
+from billing_core.resources import Period
+from billing_core.usage import (
+    CommitRequest,
+    CommitResult,
+    ConsumeRequest,
+    Decision,
+    FreeRequest,
+    FreeResult,
+    ReleaseRequest,
+    ReserveRequest,
+    UsageReport,
+    UsageRequest,
+    WindowView,
+)
+
+PERIOD_PB: dict[Period, pb.Period.ValueType] = {
+    Period.DAILY: pb.PERIOD_DAILY,
+    Period.WEEKLY: pb.PERIOD_WEEKLY,
+    Period.MONTHLY: pb.PERIOD_MONTHLY,
+    Period.OVERALL: pb.PERIOD_OVERALL,
+    Period.CUMULATIVE: pb.PERIOD_CUMULATIVE,
+}
+STATE_PB: dict[WindowState, pb.WindowState.ValueType] = {
+    WindowState.OK: pb.WINDOW_STATE_OK,
+    WindowState.WARNING: pb.WINDOW_STATE_WARNING,
+    WindowState.EXHAUSTED: pb.WINDOW_STATE_EXHAUSTED,
+}
+REASON_PB: dict[Reason, pb.Reason.ValueType] = {
+    Reason.ALLOWED: pb.REASON_ALLOWED,
+    Reason.QUOTA_EXCEEDED: pb.REASON_QUOTA_EXCEEDED,
+    Reason.INSUFFICIENT_CREDITS: pb.REASON_INSUFFICIENT_CREDITS,
+    Reason.NO_ACTIVE_SUBSCRIPTION: pb.REASON_NO_ACTIVE_SUBSCRIPTION,
+    Reason.TRIAL_EXPIRED: pb.REASON_TRIAL_EXPIRED,
+    Reason.PAYMENT_PAST_DUE: pb.REASON_PAYMENT_PAST_DUE,
+    Reason.RESOURCE_NOT_IN_PLAN: pb.REASON_RESOURCE_NOT_IN_PLAN,
+}
+
+
+def _ts(at: datetime | None) -> Timestamp | None:
+    if at is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+def _tokens(msg: pb.TokenUsage) -> TokenUsage:
+    return TokenUsage(msg.provider, msg.model, msg.input_tokens, msg.output_tokens)
+
+
+def consume_request(msg: pb.CheckAndConsumeRequest) -> ConsumeRequest:
+    return ConsumeRequest(
+        tenant_id=msg.tenant_id,
+        resource=msg.resource,
+        amount=msg.amount,
+        request_id=msg.request_id,
+        dry_run=msg.dry_run,
+        tokens=_tokens(msg.tokens) if msg.HasField("tokens") else None,
+        labels=dict(msg.labels),
+    )
+
+
+def reserve_request(msg: pb.ReserveRequest) -> ReserveRequest:
+    return ReserveRequest(
+        tenant_id=msg.tenant_id,
+        resource=msg.resource,
+        amount=msg.amount,
+        request_id=msg.request_id,
+        dry_run=msg.dry_run,
+        tokens=_tokens(msg.tokens) if msg.HasField("tokens") else None,
+        labels=dict(msg.labels),
+        ttl_seconds=msg.ttl_seconds or 300,
+    )
+
+
+def commit_request(msg: pb.CommitRequest) -> CommitRequest:
+    return CommitRequest(
+        tenant_id=msg.tenant_id,
+        reservation_id=msg.reservation_id,
+        amount=msg.amount,
+        tokens=_tokens(msg.tokens) if msg.HasField("tokens") else None,
+        labels=dict(msg.labels),
+    )
+
+
+def release_request(msg: pb.ReleaseRequest) -> ReleaseRequest:
+    return ReleaseRequest(msg.tenant_id, msg.reservation_id)
+
+
+def free_request(msg: pb.FreeRequest) -> FreeRequest:
+    return FreeRequest(msg.tenant_id, msg.resource, msg.amount, msg.request_id)
+
+
+def usage_request(msg: pb.GetUsageRequest) -> UsageRequest:
+    return UsageRequest(msg.tenant_id, msg.resource if msg.HasField("resource") else None)
+
+
+def window(view: WindowView) -> pb.WindowStatus:
+    return pb.WindowStatus(
+        period=PERIOD_PB[view.period],
+        limit=view.limit,
+        used=view.used,
+        remaining=view.remaining,
+        resets_at=_ts(view.resets_at),
+        state=STATE_PB[view.state],
+        unlimited=view.unlimited,
+    )
+
+
+def consume_response(d: Decision) -> pb.CheckAndConsumeResponse:
+    return pb.CheckAndConsumeResponse(
+        allowed=d.allowed,
+        reason=REASON_PB[d.reason],
+        windows=[window(w) for w in d.windows],
+        cost_micros=d.cost_micros,
+        wallet_balance_micros=d.wallet_balance_micros,
+        usage_record_id=d.usage_record_id,
+        replayed=d.replayed,
+        message=d.message,
+        upgrade_plan_id=d.upgrade_plan_id,
+    )
+
+
+def reserve_response(d: Decision) -> pb.ReserveResponse:
+    return pb.ReserveResponse(
+        allowed=d.allowed,
+        reason=REASON_PB[d.reason],
+        windows=[window(w) for w in d.windows],
+        reservation_id=d.reservation_id,
+        expires_at=_ts(d.expires_at),
+        replayed=d.replayed,
+        message=d.message,
+        upgrade_plan_id=d.upgrade_plan_id,
+    )
+
+
+def commit_response(r: CommitResult) -> pb.CommitResponse:
+    return pb.CommitResponse(
+        usage_record_id=r.usage_record_id,
+        cost_micros=r.cost_micros,
+        windows=[window(w) for w in r.windows],
+        wallet_balance_micros=r.wallet_balance_micros,
+        replayed=r.replayed,
+    )
+
+
+def free_response(r: FreeResult) -> pb.FreeResponse:
+    return pb.FreeResponse(windows=[window(w) for w in r.windows], replayed=r.replayed)
+
+
+def usage_response(r: UsageReport) -> pb.GetUsageResponse:
+    return pb.GetUsageResponse(
+        plan_id=r.plan_id,
+        subscription_status=r.subscription_status,
+        trial_ends_at=_ts(r.trial_ends_at),
+        resources=[
+            pb.ResourceUsage(resource=res.resource, windows=[window(w) for w in res.windows])
+            for res in r.resources
+        ],
+        wallet_balance_micros=r.wallet_balance_micros,
+    )

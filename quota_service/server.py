@@ -1,0 +1,181 @@
+"""Build and run the sidecar: gRPC (quota, health, reflection), metrics, background sweeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+from psycopg_pool import AsyncConnectionPool
+from quota.v1 import quota_service_pb2 as pb
+from quota.v1 import quota_service_pb2_grpc as pb_grpc
+
+from billing_core.clock import Clock, SystemClock
+from billing_core.db.pool import open_pool, ping
+from billing_core.quota_engine import QuotaEngine, QuotaRules
+from billing_core.settings import Settings
+from quota_service.servicer import Metrics, QuotaServicer
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+_OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Requires `authorization: Bearer <token>` on quota calls when a token is configured."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if details.method.startswith(_OPEN_METHODS):
+            return await continuation(details)
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        given = sent.encode() if isinstance(sent, str) else sent
+        if hmac.compare_digest(given, self._expected):
+            return await continuation(details)
+        return self._deny
+
+
+@dataclass
+class QuotaServer:
+    settings: Settings
+    server: grpc.aio.Server
+    pool: AsyncConnectionPool[Any]
+    engine: QuotaEngine
+    health: AsyncHealthServicer
+    registry: CollectorRegistry
+    port: int
+    metrics_port: int = 0
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _metrics_server: Any = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        if self.settings.metrics_port >= 0 and self.settings.metrics_port != 0:
+            self._metrics_server, _ = start_http_server(
+                self.settings.metrics_port, addr=self.settings.grpc_host, registry=self.registry
+            )
+            self.metrics_port = self._metrics_server.server_port
+        await self._set_serving(True)
+        self._tasks = [
+            asyncio.create_task(self._watch_database(), name="db-health"),
+            asyncio.create_task(self._sweep_reservations(), name="reservation-sweep"),
+        ]
+        log.info(
+            "quota_service_started",
+            address=f"{self.settings.grpc_host}:{self.port}",
+            metrics_port=self.metrics_port,
+        )
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def _watch_database(self) -> None:
+        serving = True
+        while True:
+            ok = await ping(self.pool)
+            if ok != serving:
+                serving = ok
+                await self._set_serving(ok)
+                log.warning("database_health_changed", serving=ok)
+            await asyncio.sleep(1.0)
+
+    async def _sweep_reservations(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reservation_sweep_seconds)
+            try:
+                swept = await self.engine.sweep_expired()
+                if swept:
+                    log.info("reservations_expired", count=swept)
+            except Exception as exc:  # the sweep must outlive a database outage
+                log.warning("reservation_sweep_failed", error=str(exc))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, finish in-flight calls (up to grace), then close."""
+        grace = self.settings.drain_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        await self.pool.close()
+        log.info("quota_service_stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def create_server(settings: Settings, *, clock: Clock | None = None) -> QuotaServer:
+    """Open the pool and build a server bound to settings.grpc_host:grpc_port (0 = free port)."""
+    pool = await open_pool(settings.require_database(), settings.db_pool_size)
+    engine = QuotaEngine(
+        pool,
+        clock or SystemClock(),
+        QuotaRules(
+            idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
+            past_due_grace=timedelta(days=settings.past_due_grace_days),
+            acquire_timeout_s=settings.db_acquire_timeout_ms / 1000,
+        ),
+    )
+    interceptors = [TokenInterceptor(settings.grpc_auth_token)] if settings.grpc_auth_token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
+    )
+    registry = CollectorRegistry()
+    pb_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(engine, Metrics(registry)), server)
+    health = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if settings.grpc_tls_cert_file:
+        port = server.add_secure_port(address, _tls_credentials(settings))
+    else:
+        port = server.add_insecure_port(address)
+    return QuotaServer(settings, server, pool, engine, health, registry, port)
+
+
+def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:
+    key = Path(settings.grpc_tls_key_file).read_bytes()
+    cert = Path(settings.grpc_tls_cert_file).read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)])

@@ -1,0 +1,133 @@
+"""quota.v1.QuotaService: parse the request, call the engine, build the response."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from quota.v1 import quota_service_pb2 as pb
+from quota.v1 import quota_service_pb2_grpc as pb_grpc
+
+from billing_core.errors import QuotaError
+from billing_core.quota_engine import QuotaEngine
+from quota_service import convert
+from quota_service.errors import status_for
+
+log = structlog.get_logger(__name__)
+Resp = TypeVar("Resp")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "quota_decisions",
+            "CheckAndConsume and Reserve decisions by reason and resource",
+            ["method", "reason", "resource"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "quota_rpc_duration_seconds",
+            "Server-side latency of quota RPCs",
+            ["method", "code"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+            registry=registry,
+        )
+
+
+class QuotaServicer(pb_grpc.QuotaServiceServicer):
+    def __init__(self, engine: QuotaEngine, metrics: Metrics) -> None:
+        self._engine = engine
+        self._metrics = metrics
+
+    async def _call(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext[object, object],
+        work: Callable[[], Awaitable[Resp]],
+    ) -> Resp:
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            return await work()
+        except QuotaError as exc:
+            status = status_for(exc)
+            code = status.name
+            if status is grpc.StatusCode.UNAVAILABLE:
+                log.warning("quota_call_unavailable", method=method, error=exc.message)
+            await context.abort(status, exc.message)
+            raise  # pragma: no cover - abort raises
+        finally:
+            self._metrics.latency.labels(method, code).observe(time.perf_counter() - started)
+
+    async def CheckAndConsume(
+        self,
+        request: pb.CheckAndConsumeRequest,
+        context: grpc.aio.ServicerContext[pb.CheckAndConsumeRequest, pb.CheckAndConsumeResponse],
+    ) -> pb.CheckAndConsumeResponse:
+        async def work() -> pb.CheckAndConsumeResponse:
+            decision = await self._engine.consume(convert.consume_request(request))
+            self._metrics.decisions.labels(
+                "CheckAndConsume", decision.reason.value, request.resource
+            ).inc()
+            return convert.consume_response(decision)
+
+        return await self._call("CheckAndConsume", context, work)  # type: ignore[arg-type]
+
+    async def Reserve(
+        self,
+        request: pb.ReserveRequest,
+        context: grpc.aio.ServicerContext[pb.ReserveRequest, pb.ReserveResponse],
+    ) -> pb.ReserveResponse:
+        async def work() -> pb.ReserveResponse:
+            decision = await self._engine.reserve(convert.reserve_request(request))
+            self._metrics.decisions.labels("Reserve", decision.reason.value, request.resource).inc()
+            return convert.reserve_response(decision)
+
+        return await self._call("Reserve", context, work)  # type: ignore[arg-type]
+
+    async def Commit(
+        self,
+        request: pb.CommitRequest,
+        context: grpc.aio.ServicerContext[pb.CommitRequest, pb.CommitResponse],
+    ) -> pb.CommitResponse:
+        async def work() -> pb.CommitResponse:
+            return convert.commit_response(
+                await self._engine.commit(convert.commit_request(request))
+            )
+
+        return await self._call("Commit", context, work)  # type: ignore[arg-type]
+
+    async def Release(
+        self,
+        request: pb.ReleaseRequest,
+        context: grpc.aio.ServicerContext[pb.ReleaseRequest, pb.ReleaseResponse],
+    ) -> pb.ReleaseResponse:
+        async def work() -> pb.ReleaseResponse:
+            released = await self._engine.release(convert.release_request(request))
+            return pb.ReleaseResponse(released=released)
+
+        return await self._call("Release", context, work)  # type: ignore[arg-type]
+
+    async def Free(
+        self,
+        request: pb.FreeRequest,
+        context: grpc.aio.ServicerContext[pb.FreeRequest, pb.FreeResponse],
+    ) -> pb.FreeResponse:
+        async def work() -> pb.FreeResponse:
+            return convert.free_response(await self._engine.free(convert.free_request(request)))
+
+        return await self._call("Free", context, work)  # type: ignore[arg-type]
+
+    async def GetUsage(
+        self,
+        request: pb.GetUsageRequest,
+        context: grpc.aio.ServicerContext[pb.GetUsageRequest, pb.GetUsageResponse],
+    ) -> pb.GetUsageResponse:
+        async def work() -> pb.GetUsageResponse:
+            return convert.usage_response(await self._engine.usage(convert.usage_request(request)))
+
+        return await self._call("GetUsage", context, work)  # type: ignore[arg-type]

@@ -1,0 +1,133 @@
+"""`make run`: database (embedded unless DATABASE_URL), migrations, demo data once, then the
+sidecar and the control plane as child processes until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from billing_core import demo  # noqa: E402
+from billing_core.api_keys import create_api_key  # noqa: E402
+from billing_core.db.embedded import ensure_database, start_embedded  # noqa: E402
+from billing_core.db.migrate import upgrade  # noqa: E402
+from billing_core.db.pool import open_pool  # noqa: E402
+from billing_core.settings import Settings  # noqa: E402
+
+DATA = ROOT / ".data"
+
+
+async def _prepare(database_url: str) -> str:
+    """Seed once and make sure an admin key exists; return the key to print."""
+    now = datetime.now(UTC)
+    pool = await open_pool(database_url, 1)
+    try:
+        async with pool.connection() as conn:
+            await demo.seed_demo(conn, now)
+            key = os.environ.get("ADMIN_API_KEY", "").strip()
+            key_file = DATA / "admin_api_key"
+            if not key and key_file.exists():
+                key = key_file.read_text().strip()
+            key = await create_api_key(conn, "make-run", now, key or None)
+            if not os.environ.get("ADMIN_API_KEY"):
+                key_file.write_text(key + "\n")
+                key_file.chmod(0o600)
+            return key
+    finally:
+        await pool.close()
+
+
+def _wait_for_grpc(address: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                time.sleep(0.2)
+    return False
+
+
+def main() -> int:
+    DATA.mkdir(exist_ok=True)
+    settings = Settings.from_env()
+    server: Any = None
+    if settings.database_url:
+        database_url = settings.database_url
+        where = "DATABASE_URL"
+    else:
+        server, server_url = start_embedded(DATA / "pg")
+        database_url = ensure_database(server_url, "billing")
+        where = f"embedded PostgreSQL 18, data in {DATA / 'pg'}"
+    upgrade(database_url)
+    key = asyncio.run(_prepare(database_url))
+    env = {**os.environ, "DATABASE_URL": database_url}
+    children = [
+        subprocess.Popen([sys.executable, "-m", "quota_service"], env=env, cwd=ROOT),
+        subprocess.Popen([sys.executable, "-m", "control_plane", "serve"], env=env, cwd=ROOT),
+    ]
+    grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
+    serving = _wait_for_grpc(grpc_address, 20)
+    print(
+        "\n".join(
+            [
+                "",
+                "billing platform running:",
+                f"  database       {where}",
+                f"                 {database_url}",
+                f"  quota sidecar  grpc://{grpc_address}  (health: "
+                f"{'SERVING' if serving else 'NOT SERVING'})",
+                f"  sidecar metrics http://{settings.grpc_host}:{settings.metrics_port}/metrics",
+                f"  control plane  http://{settings.http_host}:{settings.http_port}"
+                "  (/healthz, /readyz, /metrics)",
+                f"  admin API key  {key}",
+                "Ctrl-C stops everything.",
+                "",
+            ]
+        ),
+        flush=True,
+    )
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if server is not None:
+            server.cleanup()
+        print("stopped.", flush=True)
+    failed = [c.args for c in children if c.returncode not in (0, -signal.SIGTERM, None)]
+    return 1 if failed and not stopping else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

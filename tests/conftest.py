@@ -1,0 +1,85 @@
+"""Shared fixtures: one throw-away database per test session (embedded PostgreSQL, or a
+new database on the server in DATABASE_URL), migrated to head."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from billing_core.clock import FrozenClock
+from billing_core.db.embedded import drop_database, ensure_database, start_embedded
+from billing_core.db.migrate import upgrade
+from billing_core.db.pool import open_pool
+from billing_core.quota_engine import QuotaEngine, QuotaRules
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("DATABASE_URL", "").strip()
+    if configured:
+        yield configured
+        return
+    base = Path("/tmp") / f"bp-pg-{os.getpid()}"  # short: the socket path must stay < 100 chars
+    server, url = start_embedded(base / "data", throwaway=True)
+    try:
+        yield url
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    name = f"bp_test_{os.getpid()}_{secrets.token_hex(3)}"
+    url = ensure_database(server_url, name)
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        drop_database(server_url, name)
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    pool = await open_pool(database_url, 8)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(datetime(2026, 3, 10, 12, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+def engine(pool: AsyncConnectionPool[Any], clock: FrozenClock) -> QuotaEngine:
+    return QuotaEngine(pool, clock, QuotaRules())
+
+
+@pytest.fixture
+def uid() -> str:
+    """A fresh suffix: tests share one database and never collide on ids."""
+    return secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session")
+async def sidecar(database_url: str) -> AsyncIterator[Any]:
+    """A real sidecar on a free port, shared by the gRPC tests."""
+    from billing_core.settings import Settings
+    from quota_service.server import create_server
+
+    settings = Settings(database_url=database_url, grpc_port=0, metrics_port=-1, db_pool_size=8)
+    server = await create_server(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=1)
