@@ -1,14 +1,18 @@
 """Generate the protobuf/gRPC stubs (with .pyi) from proto/ into generated/.
 
-`python scripts/gen_proto.py` regenerates generated/ (make proto);
+The client distribution ships the same stubs: they are written a second time into
+clients/python/src/quota (a plain copy, so the client builds on its own anywhere).
+
+`python scripts/gen_proto.py` regenerates both (make proto);
 `python scripts/gen_proto.py --check` generates into a temporary directory and
-fails when the committed generated/ differs from it (make check-generated).
+fails when either committed copy differs from it (make check-generated).
 """
 
 from __future__ import annotations
 
 import filecmp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
+# Where the committed stubs live: the canonical tree and the client's copy of it.
+TARGETS = (ROOT / "generated", ROOT / "clients" / "python" / "src")
 
 
 def generate(out_dir: Path) -> None:
@@ -55,25 +61,43 @@ def _files(base: Path) -> set[str]:
     }
 
 
-def check() -> int:
-    committed = ROOT / "generated"
+def _drift(fresh: Path, committed: Path) -> list[str]:
+    where = committed.relative_to(ROOT)
+    want, have = _files(fresh), _files(committed)
+    problems = [f"missing: {where}/{name}" for name in sorted(want - have)]
+    problems += [f"not generated from proto/: {where}/{name}" for name in sorted(have - want)]
+    problems += [
+        f"differs from a fresh generation: {where}/{name}"
+        for name in sorted(want & have)
+        if not filecmp.cmp(fresh / name, committed / name, shallow=False)
+    ]
+    return problems
+
+
+def write_all() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp)
         generate(fresh)
-        want, have = _files(fresh), _files(committed)
-        problems = [f"missing: generated/{name}" for name in sorted(want - have)]
-        problems += [f"not generated from proto/: generated/{name}" for name in sorted(have - want)]
-        problems += [
-            f"differs from a fresh generation: generated/{name}"
-            for name in sorted(want & have)
-            if not filecmp.cmp(fresh / name, committed / name, shallow=False)
-        ]
+        for target in TARGETS:
+            for top in fresh.iterdir():
+                shutil.rmtree(target / top.name, ignore_errors=True)
+                shutil.copytree(top, target / top.name)
+
+
+def check() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp)
+        generate(fresh)
+        problems: list[str] = []
+        for target in TARGETS:
+            for top in fresh.iterdir():
+                problems += _drift(top, target / top.name)
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
-        print("generated/ is stale: run `make proto` and commit the result", file=sys.stderr)
+        print("generated stubs are stale: run `make proto` and commit the result", file=sys.stderr)
         return 1
-    print("generated/ matches proto/")
+    print("generated/ and the client's copy match proto/")
     return 0
 
 
@@ -83,7 +107,7 @@ def main(argv: list[str]) -> int:
     if argv:
         print("usage: gen_proto.py [--check]", file=sys.stderr)
         return 2
-    generate(ROOT / "generated")
+    write_all()
     return 0
 
 
