@@ -109,13 +109,13 @@ async def create_plan(conn: Conn, spec: PlanSpec, now: datetime, plan_id: str | 
                     now,
                 ),
             )
-            await _write_plan_children(conn, plan_id, spec)
+            await write_plan_children(conn, plan_id, spec)
     except pg_errors.UniqueViolation as exc:
         raise Conflict(f"a plan with id {plan_id!r} or active name {spec.name!r} exists") from exc
     return plan_id
 
 
-async def _write_plan_children(conn: Conn, plan_id: str, spec: PlanSpec) -> None:
+async def write_plan_children(conn: Conn, plan_id: str, spec: PlanSpec) -> None:
     for q in spec.quotas:
         await conn.execute(
             'INSERT INTO plan_quotas (plan_id, resource, period, "limit", warn_at, overage)'
