@@ -6,19 +6,33 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from billing_core.clock import Clock, SystemClock
 from billing_core.db.migrate import head_revision
 from billing_core.db.pool import open_pool, ping
 from billing_core.settings import Settings
+from control_plane.api.auth import ApiKeyAuth
+from control_plane.api.docs import render_docs
+from control_plane.api.problems import problem
+from control_plane.api.routing import openapi_document, route
+from control_plane.api.v1 import ENDPOINTS
+
+log = structlog.get_logger()
+API_VERSION = "1.0.0"
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, clock: Clock | None = None) -> Starlette:
+    clock = clock or SystemClock()
     registry = CollectorRegistry()
     requests_total = Counter(
         "control_plane_requests",
@@ -26,10 +40,12 @@ def create_app(settings: Settings) -> Starlette:
         ["route", "status"],
         registry=registry,
     )
+    openapi = openapi_document(ENDPOINTS, "Billing control plane", API_VERSION)
+    docs_html = render_docs(openapi)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pool: AsyncConnectionPool[Any] = await open_pool(settings.require_database(), 4)
+        pool: AsyncConnectionPool[Any] = await open_pool(settings.require_database(), 8)
         app.state.pool = pool
         try:
             yield
@@ -54,17 +70,58 @@ def create_app(settings: Settings) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi)
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(docs_html)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        detail = {404: "no such resource", 405: "method not allowed on this resource"}
+        return problem(exc.status_code, detail.get(exc.status_code, str(exc.detail)))
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled_error", path=request.url.path)
+        return problem(500, "an internal error happened; it has been logged")
+
     app = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            Route("/openapi.json", openapi_json),
+            Route("/docs", docs),
+            *(route(ep, clock) for ep in ENDPOINTS),
         ],
+        middleware=[Middleware(CountRequests, counter=requests_total), Middleware(ApiKeyAuth)],
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.requests_total = requests_total
     return app
+
+
+class CountRequests:
+    """Pure ASGI: counts responses by route template and status (streaming untouched)."""
+
+    def __init__(self, app: ASGIApp, counter: Counter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                matched = scope.get("route")
+                path = getattr(matched, "path", "unmatched")
+                self.counter.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 async def _revision(pool: AsyncConnectionPool[Any]) -> str | None:

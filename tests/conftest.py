@@ -3,9 +3,11 @@ new database on the server in DATABASE_URL), migrated to head."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,3 +85,44 @@ async def sidecar(database_url: str) -> AsyncIterator[Any]:
         yield server
     finally:
         await server.stop(grace=1)
+
+
+@dataclass(frozen=True)
+class ControlPlane:
+    url: str
+    key: str
+    app: Any
+
+
+@pytest.fixture(scope="session")
+async def control_plane(
+    database_url: str, pool: AsyncConnectionPool[Any]
+) -> AsyncIterator[ControlPlane]:
+    """The real control plane (uvicorn) on a free port, with an admin key."""
+    import socket
+
+    import uvicorn
+
+    from billing_core.api_keys import create_api_key
+    from billing_core.settings import Settings
+    from control_plane.app import create_app
+
+    app = create_app(Settings(database_url=database_url))
+    async with pool.connection() as conn:
+        key = await create_api_key(conn, "tests", datetime.now(UTC))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    try:
+        yield ControlPlane(f"http://127.0.0.1:{port}", key, app)
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()

@@ -1,0 +1,403 @@
+"""The /v1 admin and integration API: thin handlers over billing_core's admin use cases."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from starlette.responses import StreamingResponse
+
+from billing_core.admin import plans, prices, tenants, usage, wallet
+from billing_core.catalog import GrantSpec, PlanSpec, quota
+from billing_core.limits import Quota
+from billing_core.quota_engine import QuotaEngine, QuotaRules
+from billing_core.usage import UsageRequest
+from control_plane.api import schemas as s
+from control_plane.api.routing import Call, Endpoint
+
+
+def _grace(call: Call) -> timedelta:
+    return timedelta(days=call.settings.past_due_grace_days)
+
+
+def _quotas(specs: list[s.QuotaSpec]) -> tuple[Quota, ...]:
+    return tuple(
+        quota(q.resource, q.period, q.limit, overage=q.overage, warn_at=tuple(q.warn_at))
+        for q in specs
+    )
+
+
+def _quota_out(q: Quota) -> s.QuotaSpec:
+    return s.QuotaSpec(
+        resource=q.resource,
+        period=q.period.value,
+        limit=q.limit,
+        warn_at=list(q.warn_at),
+        overage=q.overage.value,
+    )
+
+
+def _grants(specs: list[s.WalletGrantSpec]) -> tuple[GrantSpec, ...]:
+    return tuple(GrantSpec(g.on, g.amount_micros, g.expires_after_days) for g in specs)
+
+
+def _plan_out(view: plans.PlanView) -> s.Plan:
+    spec = view.spec
+    return s.Plan(
+        plan_id=view.plan_id,
+        name=spec.name,
+        description=spec.description,
+        price_cents=spec.price_cents,
+        currency=spec.currency,
+        interval=spec.interval,
+        stripe_price_id=spec.stripe_price_id,
+        active=spec.active,
+        trial=spec.trial,
+        trial_days=spec.trial_days,
+        priority=spec.priority,
+        enterprise=spec.enterprise,
+        unlimited=spec.unlimited,
+        quotas=[_quota_out(q) for q in spec.quotas],
+        wallet_grants=[
+            s.WalletGrantSpec(
+                on=g.on,  # type: ignore[arg-type]
+                amount_micros=g.amount_micros,
+                expires_after_days=g.expires_after_days,
+            )
+            for g in spec.wallet_grants
+        ],
+        version=view.version,
+        subscribers=view.subscribers,
+        created_at=view.created_at,
+        updated_at=view.updated_at,
+    )
+
+
+# --- plans ---------------------------------------------------------------------------------
+
+
+async def list_plans(call: Call) -> s.PlanPage:
+    q: s.PlanQuery = call.query
+    page = await plans.list_plans(call.conn, limit=q.limit, cursor=q.cursor, active=q.active)
+    return s.PlanPage(items=[_plan_out(v) for v in page.items], next_cursor=page.next_cursor)
+
+
+async def create_plan(call: Call) -> s.Plan:
+    b: s.PlanCreate = call.body
+    spec = PlanSpec(
+        name=b.name,
+        price_cents=b.price_cents,
+        quotas=_quotas(b.quotas),
+        description=b.description,
+        currency=b.currency,
+        interval=b.interval,
+        stripe_price_id=b.stripe_price_id,
+        active=b.active,
+        trial=b.trial,
+        trial_days=b.trial_days,
+        priority=b.priority,
+        enterprise=b.enterprise,
+        unlimited=b.unlimited,
+        wallet_grants=_grants(b.wallet_grants),
+    )
+    view = await plans.create_plan(call.conn, call.actor, spec, call.now, b.plan_id)
+    return _plan_out(view)
+
+
+async def get_plan(call: Call) -> s.Plan:
+    return _plan_out(await plans.get_plan(call.conn, call.path["plan_id"]))
+
+
+async def patch_plan(call: Call) -> s.Plan:
+    b: s.PlanPatch = call.body
+    changes: dict[str, Any] = {
+        name: getattr(b, name) for name in b.model_fields_set if getattr(b, name) is not None
+    }
+    if "quotas" in changes:
+        changes["quotas"] = _quotas(b.quotas or [])
+    if "wallet_grants" in changes:
+        changes["wallet_grants"] = _grants(b.wallet_grants or [])
+    view = await plans.update_plan(call.conn, call.actor, call.path["plan_id"], changes, call.now)
+    return _plan_out(view)
+
+
+async def archive_plan(call: Call) -> s.Plan:
+    view = await plans.archive_plan(call.conn, call.actor, call.path["plan_id"], call.now)
+    return _plan_out(view)
+
+
+# --- tenants, subscriptions, overrides -------------------------------------------------------
+
+
+async def list_tenants(call: Call) -> s.TenantPage:
+    q: s.PageQuery = call.query
+    page = await tenants.list_tenants(call.conn, limit=q.limit, cursor=q.cursor)
+    return s.TenantPage(
+        items=[s.Tenant.model_validate(t) for t in page.items], next_cursor=page.next_cursor
+    )
+
+
+async def create_tenant(call: Call) -> s.Tenant:
+    b: s.TenantCreate = call.body
+    view = await tenants.create_tenant(
+        call.conn, call.actor, b.tenant_id, b.name, call.now, email=b.email, timezone=b.timezone
+    )
+    return s.Tenant.model_validate(view)
+
+
+async def get_tenant(call: Call) -> s.Tenant:
+    return s.Tenant.model_validate(await tenants.get_tenant(call.conn, call.path["tenant_id"]))
+
+
+async def get_subscription(call: Call) -> s.Subscription:
+    view = await tenants.get_subscription(call.conn, call.path["tenant_id"], call.now, _grace(call))
+    return s.Subscription.model_validate(view)
+
+
+async def put_subscription(call: Call) -> s.Subscription:
+    b: s.SubscriptionPut = call.body
+    view = await tenants.assign_plan(
+        call.conn, call.actor, call.path["tenant_id"], b.plan_id, call.now, _grace(call)
+    )
+    return s.Subscription.model_validate(view)
+
+
+async def start_trial(call: Call) -> s.Subscription:
+    b: s.TrialStart = call.body
+    view = await tenants.start_trial(
+        call.conn, call.actor, call.path["tenant_id"], b.plan_id, call.now, _grace(call)
+    )
+    return s.Subscription.model_validate(view)
+
+
+async def get_overrides(call: Call) -> s.Overrides:
+    found = await tenants.get_overrides(call.conn, call.path["tenant_id"])
+    return s.Overrides(quotas=[_quota_out(q) for q in found])
+
+
+async def put_overrides(call: Call) -> s.Overrides:
+    b: s.Overrides = call.body
+    found = await tenants.set_overrides(
+        call.conn, call.actor, call.path["tenant_id"], _quotas(b.quotas), call.now
+    )
+    return s.Overrides(quotas=[_quota_out(q) for q in found])
+
+
+# --- usage -----------------------------------------------------------------------------------
+
+
+async def get_usage(call: Call) -> s.Usage:
+    engine = QuotaEngine(call.pool, _FixedClock(call), QuotaRules(past_due_grace=_grace(call)))
+    report = await engine.usage(UsageRequest(call.path["tenant_id"]))
+    return s.Usage(
+        tenant_id=call.path["tenant_id"],
+        plan_id=report.plan_id,
+        subscription_status=report.subscription_status,
+        trial_ends_at=report.trial_ends_at,
+        wallet_balance_micros=report.wallet_balance_micros,
+        resources=[
+            s.ResourceUsage(
+                resource=r.resource,
+                windows=[
+                    s.Window(
+                        period=w.period.value,
+                        limit=w.limit,
+                        used=w.used,
+                        remaining=w.remaining,
+                        resets_at=w.resets_at,
+                        state=w.state.value,
+                        unlimited=w.unlimited,
+                    )
+                    for w in r.windows
+                ],
+            )
+            for r in report.resources
+        ],
+    )
+
+
+class _FixedClock:
+    def __init__(self, call: Call) -> None:
+        self._now = call.now
+
+    def now(self) -> Any:
+        return self._now
+
+
+def _record_filter(call: Call) -> usage.RecordFilter:
+    q: s.RecordQuery = call.query
+    return usage.RecordFilter(call.path["tenant_id"], q.resource, q.since, q.until)
+
+
+async def list_usage_records(call: Call) -> s.UsageRecordPage | StreamingResponse:
+    flt = _record_filter(call)
+    q: s.RecordQuery = call.query
+    if _wants_csv(call):
+        flt.params()  # validate, and 404 an unknown tenant, before the stream starts
+        await tenants.get_tenant(call.conn, flt.tenant_id)
+        filename = f"usage-{flt.tenant_id}.csv".replace('"', "")
+        return StreamingResponse(
+            _csv_lines(call, flt),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
+    page = await usage.list_records(call.conn, flt, limit=q.limit, cursor=q.cursor)
+    return s.UsageRecordPage(
+        items=[s.UsageRecord.model_validate(r) for r in page.items], next_cursor=page.next_cursor
+    )
+
+
+def _wants_csv(call: Call) -> bool:
+    accept = call.request.headers.get("accept", "")
+    return "text/csv" in accept and "application/json" not in accept
+
+
+async def _csv_lines(call: Call, flt: usage.RecordFilter) -> AsyncIterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(usage.RECORD_FIELDS)
+    batch = 0
+    async for row in usage.stream_records(call.pool, flt):
+        writer.writerow(
+            [
+                json.dumps(v, sort_keys=True) if isinstance(v, dict) else
+                v.isoformat() if hasattr(v, "isoformat") else
+                "" if v is None else v
+                for v in row
+            ]
+        )  # fmt: skip
+        batch += 1
+        if batch >= 500:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+            batch = 0
+    yield buffer.getvalue()
+
+
+async def list_notifications(call: Call) -> s.NotificationPage:
+    q: s.PageQuery = call.query
+    page = await usage.list_notifications(
+        call.conn, call.path["tenant_id"], limit=q.limit, cursor=q.cursor
+    )
+    return s.NotificationPage(
+        items=[s.Notification.model_validate(n) for n in page.items], next_cursor=page.next_cursor
+    )
+
+
+# --- wallet and prices -----------------------------------------------------------------------
+
+
+async def get_wallet(call: Call) -> s.Wallet:
+    q: s.PageQuery = call.query
+    view = await wallet.get_wallet(
+        call.conn, call.path["tenant_id"], call.now, limit=q.limit, cursor=q.cursor
+    )
+    return s.Wallet(
+        tenant_id=view.tenant_id,
+        balance_micros=view.balance_micros,
+        held_micros=view.held_micros,
+        available_micros=view.available_micros,
+        grants=[s.WalletGrant.model_validate(g) for g in view.grants],
+        ledger=s.LedgerPage(
+            items=[s.LedgerEntry.model_validate(e) for e in view.ledger.items],
+            next_cursor=view.ledger.next_cursor,
+        ),
+    )
+
+
+async def create_grant(call: Call) -> s.WalletGrant:
+    b: s.WalletGrantCreate = call.body
+    view = await wallet.grant(
+        call.conn,
+        call.actor,
+        call.path["tenant_id"],
+        b.amount_micros,
+        b.reason,
+        call.now,
+        b.expires_at,
+    )
+    return s.WalletGrant.model_validate(view)
+
+
+async def list_prices(call: Call) -> s.ModelPricePage:
+    q: s.PriceQuery = call.query
+    page = await prices.list_prices(
+        call.conn, limit=q.limit, cursor=q.cursor, provider=q.provider, model=q.model
+    )
+    return s.ModelPricePage(
+        items=[s.ModelPrice.model_validate(p) for p in page.items], next_cursor=page.next_cursor
+    )
+
+
+async def put_price(call: Call) -> s.ModelPrice:
+    b: s.ModelPricePut = call.body
+    view = await prices.set_price(
+        call.conn,
+        call.actor,
+        call.path["provider"],
+        call.path["model"],
+        b.input_micros_per_million,
+        b.output_micros_per_million,
+        b.effective_from or call.now,
+        call.now,
+    )
+    return s.ModelPrice.model_validate(view)
+
+
+T, P = "/v1/tenants/{tenant_id}", "/v1/plans/{plan_id}"
+ENDPOINTS: list[Endpoint] = [
+    Endpoint("GET", "/v1/plans", "list_plans", "List plans", "plans", list_plans,
+             s.PlanPage, query=s.PlanQuery),
+    Endpoint("POST", "/v1/plans", "create_plan", "Create a plan", "plans", create_plan,
+             s.Plan, body=s.PlanCreate, status=201, errors=(409,)),
+    Endpoint("GET", P, "get_plan", "Get a plan", "plans", get_plan, s.Plan, errors=(404,)),
+    Endpoint("PATCH", P, "update_plan", "Change a plan (lists replace)", "plans", patch_plan,
+             s.Plan, body=s.PlanPatch, errors=(404, 409)),
+    Endpoint("POST", P + "/archive", "archive_plan", "Archive a plan: no new subscribers",
+             "plans", archive_plan, s.Plan, errors=(404,)),
+    Endpoint("GET", "/v1/tenants", "list_tenants", "List tenants", "tenants", list_tenants,
+             s.TenantPage, query=s.PageQuery),
+    Endpoint("POST", "/v1/tenants", "create_tenant", "Create a tenant", "tenants",
+             create_tenant, s.Tenant, body=s.TenantCreate, status=201, errors=(409,)),
+    Endpoint("GET", T, "get_tenant", "Get a tenant", "tenants", get_tenant, s.Tenant,
+             errors=(404,)),
+    Endpoint("GET", T + "/subscription", "get_subscription",
+             "The current subscription, explained", "subscriptions", get_subscription,
+             s.Subscription, errors=(404,)),
+    Endpoint("PUT", T + "/subscription", "put_subscription",
+             "Assign an enterprise or free plan without Stripe", "subscriptions",
+             put_subscription, s.Subscription, body=s.SubscriptionPut, errors=(404, 409),
+             idempotent=True),
+    Endpoint("POST", T + "/trial", "start_trial", "Start the tenant's one trial",
+             "subscriptions", start_trial, s.Subscription, body=s.TrialStart, status=201,
+             errors=(404, 409), idempotent=True),
+    Endpoint("GET", T + "/overrides", "get_overrides", "Per-tenant quota overrides",
+             "tenants", get_overrides, s.Overrides, errors=(404,)),
+    Endpoint("PUT", T + "/overrides", "put_overrides",
+             "Replace the overrides (enterprise plans only)", "tenants", put_overrides,
+             s.Overrides, body=s.Overrides, errors=(404, 409)),
+    Endpoint("GET", T + "/usage", "get_usage", "Every window of every resource", "usage",
+             get_usage, s.Usage, errors=(404,)),
+    Endpoint("GET", T + "/usage-records", "list_usage_records",
+             "Immutable usage records (Accept: text/csv streams an export)", "usage",
+             list_usage_records, s.UsageRecordPage, query=s.RecordQuery, errors=(404,),
+             csv=True),
+    Endpoint("GET", T + "/notifications", "list_notifications",
+             "Threshold crossings and billing events", "usage", list_notifications,
+             s.NotificationPage, query=s.PageQuery, errors=(404,)),
+    Endpoint("GET", T + "/wallet", "get_wallet", "Balance, grants and ledger", "wallet",
+             get_wallet, s.Wallet, query=s.PageQuery, errors=(404,)),
+    Endpoint("POST", T + "/wallet/grants", "create_wallet_grant", "Grant credits by hand",
+             "wallet", create_grant, s.WalletGrant, body=s.WalletGrantCreate, status=201,
+             errors=(404,), idempotent=True),
+    Endpoint("GET", "/v1/model-prices", "list_model_prices", "Token prices with history",
+             "prices", list_prices, s.ModelPricePage, query=s.PriceQuery),
+    Endpoint("PUT", "/v1/model-prices/{provider}/{model}", "put_model_price",
+             "Set a model's token price from a moment on", "prices", put_price,
+             s.ModelPrice, body=s.ModelPricePut),
+]  # fmt: skip
