@@ -90,12 +90,10 @@ async def _parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
     if ctype not in ("application/json", "") and not ctype.endswith("+json"):
         raise _BadInput(problem(415, "send the body as application/json"))
     try:
-        data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _BadInput(problem(400, f"the body is not valid JSON: {exc}")) from None
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw or b"null")
     except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise _BadInput(problem(400, "the body is not valid JSON")) from None
         raise _BadInput(
             problem(422, "the body does not match the schema", errors=field_errors(exc.errors()))
         ) from None

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
 
 INT64_MAX = 2**63 - 1
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422, not a 500
@@ -24,11 +32,24 @@ Resource = Annotated[
         r"|research_runs|tool_calls|media_processing|custom:[a-z0-9][a-z0-9_.-]{0,62})$"
     ),
 ]
+_ISO = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
+
+
+def _iso_only(value: object) -> object:
+    """Query strings: only ISO 8601 instants (pydantic would also take Unix seconds)."""
+    if isinstance(value, str) and not _ISO.match(value):
+        raise ValueError("use an ISO 8601 date-time with an offset, e.g. 2026-03-01T00:00:00Z")
+    return value
+
+
+QueryInstant = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
 PeriodName = Literal["daily", "weekly", "monthly", "overall", "cumulative"]
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A request body: parsed from JSON in strict mode (no "5" → 5, no false → 0)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Out(BaseModel):
@@ -325,8 +346,8 @@ class PlanQuery(PageQuery):
 
 class RecordQuery(PageQuery):
     resource: Resource | None = None
-    since: AwareDatetime | None = None
-    until: AwareDatetime | None = None
+    since: QueryInstant | None = None
+    until: QueryInstant | None = None
 
 
 class PriceQuery(PageQuery):
