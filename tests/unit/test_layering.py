@@ -59,3 +59,13 @@ def test_every_domain_error_has_a_grpc_status() -> None:
 
     assert subclasses(QuotaError) == set(ALL_ERRORS)
     assert set(STATUS_FOR) == set(ALL_ERRORS)
+
+
+def test_every_domain_error_has_one_http_problem() -> None:
+    from billing_core.errors import ALL_ERRORS
+    from control_plane.api.problems import STATUS_FOR as HTTP_FOR
+
+    assert set(HTTP_FOR) == set(ALL_ERRORS)
+    for cls in ALL_ERRORS:
+        status, slug, title = HTTP_FOR[cls]
+        assert 400 <= status < 600 and slug and title
