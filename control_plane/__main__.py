@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import uvicorn
 
 from billing_core import demo
+from billing_core.admin import plans as admin_plans
 from billing_core.api_keys import create_api_key
 from billing_core.db.migrate import upgrade
 from billing_core.db.pool import open_pool
@@ -69,13 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "list-plans":
 
             async def plans(conn: Conn) -> None:
-                cur = await conn.execute(
-                    "SELECT plan_id, name, price_cents, currency, active FROM plans"
-                    " ORDER BY price_cents, plan_id"
-                )
-                for plan_id, name, price, currency, active in await cur.fetchall():
-                    state = "active" if active else "archived"
-                    print(f"{plan_id}\t{name}\t{price / 100:.2f} {currency}\t{state}")
+                cursor = None
+                while True:
+                    page = await admin_plans.list_plans(conn, limit=200, cursor=cursor)
+                    for view in page.items:
+                        spec = view.spec
+                        price = f"{spec.price_cents // 100}.{spec.price_cents % 100:02d}"
+                        state = "active" if spec.active else "archived"
+                        print(f"{view.plan_id}\t{spec.name}\t{price} {spec.currency}\t{state}")
+                    if (cursor := page.next_cursor) is None:
+                        break
 
             asyncio.run(_with_conn(settings, plans))
         elif args.command == "expire-trials":

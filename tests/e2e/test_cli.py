@@ -1,0 +1,55 @@
+"""The operator CLI, run as a real process against the test database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from billing_core.api_keys import verify_api_key
+
+Pool = AsyncConnectionPool[Any]
+
+
+async def cli(database_url: str, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "control_plane",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DATABASE_URL": database_url, "LOG_FORMAT": "json"},
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_help_lists_every_command(database_url: str) -> None:
+    code, out, _ = await cli(database_url, "--help")
+    assert code == 0
+    for command in ("serve", "create-api-key", "seed-demo", "list-plans", "expire-trials"):
+        assert command in out
+
+
+async def test_seed_list_key_and_expire(database_url: str, pool: Pool) -> None:
+    code, out, _ = await cli(database_url, "seed-demo")
+    assert code == 0 and out.strip() in {"seeded", "already seeded"}
+    code, out, _ = await cli(database_url, "seed-demo")
+    assert out.strip() == "already seeded"
+    code, out, _ = await cli(database_url, "list-plans")
+    assert code == 0
+    lines = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
+    assert lines["pro"][2] == "20.00 usd" and lines["pro"][3] == "active"
+    code, out, _ = await cli(database_url, "create-api-key", "--name", "ops")
+    key = out.strip()
+    async with pool.connection() as conn:
+        assert await verify_api_key(conn, key) is not None
+    code, out, _ = await cli(database_url, "expire-trials")
+    assert code == 0 and out.startswith("expired ")
+    code, _, err = await cli(database_url, "no-such-command")
+    assert code == 2 and "invalid choice" in err
