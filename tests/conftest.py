@@ -4,6 +4,7 @@ new database on the server in DATABASE_URL), migrated to head."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -94,11 +95,9 @@ class ControlPlane:
     app: Any
 
 
-@pytest.fixture(scope="session")
-async def control_plane(
-    database_url: str, pool: AsyncConnectionPool[Any]
-) -> AsyncIterator[ControlPlane]:
-    """The real control plane (uvicorn) on a free port, with an admin key."""
+@contextlib.asynccontextmanager
+async def running_control_plane(database_url: str) -> AsyncIterator[ControlPlane]:
+    """The real control plane (uvicorn) on a free port of this event loop, with a key."""
     import socket
 
     import uvicorn
@@ -108,8 +107,12 @@ async def control_plane(
     from control_plane.app import create_app
 
     app = create_app(Settings(database_url=database_url))
-    async with pool.connection() as conn:
-        key = await create_api_key(conn, "tests", datetime.now(UTC))
+    pool = await open_pool(database_url, 1)
+    try:
+        async with pool.connection() as conn:
+            key = await create_api_key(conn, "tests", datetime.now(UTC))
+    finally:
+        await pool.close()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -126,3 +129,21 @@ async def control_plane(
         server.should_exit = True
         await task
         sock.close()
+
+
+@pytest.fixture(scope="session")
+async def control_plane(database_url: str) -> AsyncIterator[ControlPlane]:
+    async with running_control_plane(database_url) as running:
+        yield running
+
+
+@pytest.fixture
+def scratch_database(server_url: str) -> Iterator[str]:
+    """A migrated database of its own, for tests that would litter the shared one."""
+    name = f"bp_scratch_{os.getpid()}_{secrets.token_hex(3)}"
+    url = ensure_database(server_url, name)
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        drop_database(server_url, name)

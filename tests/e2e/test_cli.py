@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
 
 from billing_core.api_keys import verify_api_key
-
-Pool = AsyncConnectionPool[Any]
+from billing_core.db.urls import libpq_url
 
 
 async def cli(database_url: str, *args: str) -> tuple[int, str, str]:
@@ -29,14 +27,15 @@ async def cli(database_url: str, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_help_lists_every_command(database_url: str) -> None:
-    code, out, _ = await cli(database_url, "--help")
+async def test_help_lists_every_command(scratch_database: str) -> None:
+    code, out, _ = await cli(scratch_database, "--help")
     assert code == 0
     for command in ("serve", "create-api-key", "seed-demo", "list-plans", "expire-trials"):
         assert command in out
 
 
-async def test_seed_list_key_and_expire(database_url: str, pool: Pool) -> None:
+async def test_seed_list_key_and_expire(scratch_database: str) -> None:
+    database_url = scratch_database
     code, out, _ = await cli(database_url, "seed-demo")
     assert code == 0 and out.strip() in {"seeded", "already seeded"}
     code, out, _ = await cli(database_url, "seed-demo")
@@ -47,7 +46,7 @@ async def test_seed_list_key_and_expire(database_url: str, pool: Pool) -> None:
     assert lines["pro"][2] == "20.00 usd" and lines["pro"][3] == "active"
     code, out, _ = await cli(database_url, "create-api-key", "--name", "ops")
     key = out.strip()
-    async with pool.connection() as conn:
+    async with await psycopg.AsyncConnection.connect(libpq_url(database_url)) as conn:
         assert await verify_api_key(conn, key) is not None
     code, out, _ = await cli(database_url, "expire-trials")
     assert code == 0 and out.startswith("expired ")
