@@ -76,12 +76,14 @@ async def test_denials_for_subscription_states_and_missing_resource(
     pool: Pool, engine: QuotaEngine, clock: FrozenClock, uid: str
 ) -> None:
     now = clock.now()
+    # a resource only `bigger` offers: other tests' plans in the shared database never compete
+    probe = f"custom:probe-{uid}"
     plan = await f.plan(pool, now, uid, [quota("messages", "daily", 10)])
     bigger = await f.plan(
         pool,
         now,
         uid,
-        [quota("messages", "daily", 10), quota("agents", "cumulative", 5)],
+        [quota("messages", "daily", 10), quota(probe, "cumulative", 5)],
         name="bigger",
         price_cents=5000,
     )
@@ -120,7 +122,7 @@ async def test_denials_for_subscription_states_and_missing_resource(
         if not decision.allowed:
             assert decision.message
     t = await f.tenant(pool, now, f"noagents-{uid}", plan)
-    missing = await engine.consume(ConsumeRequest(t, "agents", 1, "a"))
+    missing = await engine.consume(ConsumeRequest(t, probe, 1, "a"))
     assert missing.reason is Reason.RESOURCE_NOT_IN_PLAN
     assert missing.upgrade_plan_id == bigger
 
