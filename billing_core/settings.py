@@ -47,6 +47,16 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     admin_api_key: str = ""
+    # where browsers reach the control plane (checkout success/cancel and portal return URLs)
+    public_base_url: str = "http://127.0.0.1:8000"
+    trial_expiry_seconds: int = 60
+    # Stripe: real Stripe when stripe_secret_key is set, else the local emulator
+    stripe_secret_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_emulator_host: str = "127.0.0.1"
+    stripe_emulator_port: int = 12111
+    stripe_emulator_key: str = "sk_test_emulator"
+    stripe_webhook_url: str = "http://127.0.0.1:8000/webhooks/stripe"
     # logging
     log_level: str = "info"
     log_format: str = "auto"
@@ -72,6 +82,16 @@ class Settings:
             http_host=_str(env, "CONTROL_PLANE_HOST", "127.0.0.1"),
             http_port=_int(env, "CONTROL_PLANE_PORT", 8000),
             admin_api_key=_str(env, "ADMIN_API_KEY"),
+            public_base_url=_str(env, "PUBLIC_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
+            trial_expiry_seconds=_int(env, "TRIAL_EXPIRY_SECONDS", 60),
+            stripe_secret_key=_str(env, "STRIPE_SECRET_KEY"),
+            stripe_webhook_secret=_str(env, "STRIPE_WEBHOOK_SECRET"),
+            stripe_emulator_host=_str(env, "STRIPE_EMULATOR_HOST", "127.0.0.1"),
+            stripe_emulator_port=_int(env, "STRIPE_EMULATOR_PORT", 12111),
+            stripe_emulator_key=_str(env, "STRIPE_EMULATOR_KEY", "sk_test_emulator"),
+            stripe_webhook_url=_str(
+                env, "STRIPE_WEBHOOK_URL", "http://127.0.0.1:8000/webhooks/stripe"
+            ),
             log_level=_str(env, "LOG_LEVEL", "info").lower(),
             log_format=_str(env, "LOG_FORMAT", "auto").lower(),
         )
@@ -87,6 +107,17 @@ class Settings:
             raise InvalidRequest("PAST_DUE_GRACE_DAYS must not be negative")
         if self.log_format not in {"auto", "json", "console"}:
             raise InvalidRequest("LOG_FORMAT must be auto, json or console")
+
+    @property
+    def stripe_api_base(self) -> str | None:
+        """None: real Stripe (the SDK's own address); else the local emulator."""
+        if self.stripe_secret_key:
+            return None
+        return f"http://{self.stripe_emulator_host}:{self.stripe_emulator_port}"
+
+    @property
+    def stripe_api_key(self) -> str:
+        return self.stripe_secret_key or self.stripe_emulator_key
 
     def require_database(self) -> str:
         if not self.database_url:
