@@ -102,13 +102,3 @@ async def seed_demo(conn: Conn, now: datetime) -> bool:
         )
         await catalog.assign_plan(conn, tenant_id, plan_id, now, status=status, trial_end=trial_end)
     return True
-
-
-async def expire_trials(conn: Conn, now: datetime) -> int:
-    """Move trials past their end to trial_expired; running it twice changes nothing."""
-    cur = await conn.execute(
-        "UPDATE subscriptions SET status = 'trial_expired', updated_at = %s"
-        " WHERE is_current AND status = 'trialing' AND trial_end <= %s",
-        (now, now),
-    )
-    return cur.rowcount

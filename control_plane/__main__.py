@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import uvicorn
 
-from billing_core import demo
+from billing_core import billing_flows, demo
 from billing_core.admin import plans as admin_plans
 from billing_core.api_keys import create_api_key
 from billing_core.db.migrate import upgrade
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "expire-trials":
 
             async def expire(conn: Conn) -> None:
-                print(f"expired {await demo.expire_trials(conn, now)} trial(s)")
+                print(f"expired {await billing_flows.expire_trials(conn, now)} trial(s)")
 
             asyncio.run(_with_conn(settings, expire))
     except QuotaError as exc:

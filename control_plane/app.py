@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,21 +18,38 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from billing_core import billing_flows
+from billing_core.billing import BillingAdapter
 from billing_core.clock import Clock, SystemClock
 from billing_core.db.migrate import head_revision
 from billing_core.db.pool import open_pool, ping
 from billing_core.settings import Settings
+from control_plane.api import payments, v1
 from control_plane.api.auth import ApiKeyAuth
 from control_plane.api.docs import render_docs
 from control_plane.api.problems import problem
 from control_plane.api.routing import openapi_document, route
-from control_plane.api.v1 import ENDPOINTS
+from control_plane.stripe_adapter import StripeBillingAdapter
+from control_plane.webhooks import stripe_webhook
 
 log = structlog.get_logger()
 API_VERSION = "1.0.0"
 
 
-def create_app(settings: Settings, clock: Clock | None = None) -> Starlette:
+ENDPOINTS = [*v1.ENDPOINTS, *payments.ENDPOINTS]
+
+RETURN_PAGE = (
+    "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Payment received</title>"
+    "<style>body{font:16px system-ui;max-width:36rem;margin:3rem auto;padding:0 1rem}</style>"
+    "</head><body><h1>Payment received — activating…</h1><p id='activating'>Thank you. Your "
+    "subscription becomes active as soon as Stripe confirms the payment to us, usually within "
+    "seconds. This page does not change your plan by itself.</p></body></html>"
+)
+
+
+def create_app(
+    settings: Settings, clock: Clock | None = None, billing: BillingAdapter | None = None
+) -> Starlette:
     clock = clock or SystemClock()
     registry = CollectorRegistry()
     requests_total = Counter(
@@ -47,9 +65,13 @@ def create_app(settings: Settings, clock: Clock | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool: AsyncConnectionPool[Any] = await open_pool(settings.require_database(), 8)
         app.state.pool = pool
+        expiry = asyncio.create_task(_expire_trials_forever(pool, clock, settings))
         try:
             yield
         finally:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
             await pool.close()
 
     async def healthz(request: Request) -> Response:
@@ -76,6 +98,9 @@ def create_app(settings: Settings, clock: Clock | None = None) -> Starlette:
     async def docs(request: Request) -> Response:
         return HTMLResponse(docs_html)
 
+    async def billing_return(request: Request) -> Response:
+        return HTMLResponse(RETURN_PAGE)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         detail = {404: "no such resource", 405: "method not allowed on this resource"}
@@ -92,6 +117,8 @@ def create_app(settings: Settings, clock: Clock | None = None) -> Starlette:
             Route("/metrics", metrics),
             Route("/openapi.json", openapi_json),
             Route("/docs", docs),
+            Route("/billing/return", billing_return),
+            Route("/webhooks/stripe", stripe_webhook(clock), methods=["POST"]),
             *(route(ep, clock) for ep in ENDPOINTS),
         ],
         middleware=[Middleware(CountRequests, counter=requests_total), Middleware(ApiKeyAuth)],
@@ -100,7 +127,23 @@ def create_app(settings: Settings, clock: Clock | None = None) -> Starlette:
     )
     app.state.settings = settings
     app.state.requests_total = requests_total
+    app.state.billing = billing or StripeBillingAdapter(settings)
     return app
+
+
+async def _expire_trials_forever(
+    pool: AsyncConnectionPool[Any], clock: Clock, settings: Settings
+) -> None:
+    """The periodic half of trial expiry (the CLI's expire-trials is the other)."""
+    while True:
+        try:
+            async with pool.connection(timeout=5.0) as conn:
+                expired = await billing_flows.expire_trials(conn, clock.now())
+            if expired:
+                log.info("trials_expired", count=expired)
+        except Exception as exc:
+            log.warning("trial_expiry_skipped", error=type(exc).__name__)
+        await asyncio.sleep(max(1, settings.trial_expiry_seconds))
 
 
 class CountRequests:

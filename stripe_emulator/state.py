@@ -425,17 +425,17 @@ class Emulator:
         sub["latest_invoice"] = invoice["id"]
         return invoice
 
-    def _collect(self, sub: Obj, invoice: Obj, now: int) -> bool:
-        """Charge the customer's card for an open invoice; emit what Stripe emits."""
+    def _collect(self, sub: Obj, invoice: Obj, now: int, *, quiet: bool = False) -> bool:
+        """Charge the customer's card for an open invoice; emit what Stripe emits.
+        quiet: a failed charge leaves the subscription's status alone (pending updates)."""
         invoice["attempted"] = True
         invoice["attempt_count"] += 1
         card = self.cards.get(sub["customer"], "ok")
-        fails = card == "declined" or (
-            card == "fails_later" and invoice["billing_reason"] != "subscription_create"
-        )
+        first = invoice["billing_reason"] == "subscription_create"
+        fails = card == "declined" or (card == "fails_later" and not first)
         if invoice["amount_due"] > 0 and fails:
             self.emit("invoice.payment_failed", public(invoice), now)
-            if sub["status"] in ("active", "trialing"):
+            if not quiet and sub["status"] in ("active", "trialing"):
                 previous = {"status": sub["status"]}
                 sub["status"] = "past_due"
                 self.emit("customer.subscription.updated", public(sub), now, previous)
@@ -477,25 +477,38 @@ class Emulator:
                 raise StripeError(400, f"No such subscription item: '{items[0]['id']}'")
             old_price = item["price"]
             if new_price["id"] != old_price["id"]:
-                previous["items"] = copy.deepcopy(sub["items"])
+                before_items = copy.deepcopy(sub["items"])
                 item["price"] = copy.deepcopy(public(new_price))
-                self._prorate(sub, old_price, new_price, p.get("proration_behavior"), now)
+                paid = self._prorate(sub, old_price, new_price, p.get("proration_behavior"), now)
+                if not paid and p.get("payment_behavior") == "pending_if_incomplete":
+                    # Stripe keeps the old price until the proration is paid
+                    sub["items"] = before_items
+                    sub["pending_update"] = {
+                        "subscription_items": [{"id": item["id"], "price": new_price["id"]}],
+                        "expires_at": now + 23 * 3600,
+                    }
+                else:
+                    previous["items"] = before_items
         if previous:
             self.emit("customer.subscription.updated", public(sub), now, previous)
         return sub
 
-    def _prorate(self, sub: Obj, old: Obj, new: Obj, behavior: str | None, now: int) -> None:
+    def _prorate(self, sub: Obj, old: Obj, new: Obj, behavior: str | None, now: int) -> bool:
+        """Charge or credit the unused part of the period; False when a charge failed."""
         if behavior == "none" or sub["status"] == "trialing":
-            return
+            return True
         item = sub["items"]["data"][0]
         start, end = item["current_period_start"], item["current_period_end"]
         left = max(0, end - now)
         amount = (new["unit_amount"] - old["unit_amount"]) * left // max(1, end - start)
         if amount > 0 and behavior == "always_invoice":
             invoice = self._invoice(sub, amount, "subscription_update", now, end)
-            self._collect(sub, invoice, now)
+            if not self._collect(sub, invoice, now, quiet=True):
+                invoice["status"] = "void"
+                return False
         elif amount < 0:
             self.objects[sub["customer"]]["balance"] += amount  # a credit for the next invoice
+        return True
 
     def cancel_subscription(self, sub_id: str) -> Obj:
         sub = self.get("subscription", sub_id)

@@ -131,6 +131,8 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200))
     email: Mapped[str] = mapped_column(String(320), server_default="")
     timezone: Mapped[str] = mapped_column(String(64), server_default="UTC")
+    # the tenant's customer at the payment provider, created at the first checkout
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     # one trial per tenant, ever
     trial_used_at: Mapped[datetime | None] = mapped_column(TS)
     created_at: Mapped[datetime] = _created()

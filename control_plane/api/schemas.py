@@ -332,6 +332,45 @@ class NotificationPage(Out):
     next_cursor: str | None
 
 
+# --- payments ---------------------------------------------------------------------------
+
+
+class CheckoutCreate(Body):
+    plan_id: Id
+
+
+class PlanChange(Body):
+    plan_id: Id
+
+
+class CancelChange(Body):
+    cancel_at_period_end: bool = Field(description="true cancels at period end, false resumes")
+
+
+class EmptyBody(Body):
+    pass
+
+
+class SessionLink(Out):
+    session_id: str
+    url: str = Field(description="send the browser here")
+
+
+class WebhookEvent(Out):
+    event_id: str
+    type: str
+    status: str = Field(description="received, processed, failed or ignored")
+    attempts: int
+    last_error: str | None
+    received_at: datetime
+    processed_at: datetime | None
+
+
+class WebhookEventPage(Out):
+    items: list[WebhookEvent]
+    next_cursor: str | None
+
+
 # --- query strings -------------------------------------------------------------------------
 
 
@@ -353,6 +392,10 @@ class RecordQuery(PageQuery):
 class PriceQuery(PageQuery):
     provider: Annotated[str, StringConstraints(max_length=128)] | None = None
     model: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+class WebhookQuery(PageQuery):
+    status: Literal["received", "processed", "failed", "ignored"] | None = None
 
 
 class Problem(BaseModel):

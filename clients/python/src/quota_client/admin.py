@@ -41,6 +41,12 @@ OPERATIONS: dict[str, tuple[str, str]] = {
     "create_wallet_grant": ("POST", "/v1/tenants/{tenant_id}/wallet/grants"),
     "list_model_prices": ("GET", "/v1/model-prices"),
     "put_model_price": ("PUT", "/v1/model-prices/{provider}/{model}"),
+    "create_checkout_session": ("POST", "/v1/tenants/{tenant_id}/checkout-sessions"),
+    "create_portal_session": ("POST", "/v1/tenants/{tenant_id}/portal-sessions"),
+    "change_subscription_plan": ("POST", "/v1/tenants/{tenant_id}/subscription/change"),
+    "cancel_subscription": ("POST", "/v1/tenants/{tenant_id}/subscription/cancel"),
+    "list_webhook_events": ("GET", "/v1/webhook-events"),
+    "reprocess_webhook_event": ("POST", "/v1/webhook-events/{event_id}/reprocess"),
 }
 
 
@@ -277,6 +283,47 @@ class AdminClient:
         if effective_from:
             body["effective_from"] = effective_from
         return self._call("put_model_price", path={"provider": provider, "model": model}, json=body)
+
+    # payments
+    def create_checkout_session(
+        self, tenant_id: str, plan_id: str, *, idempotency_key: str | None = None
+    ) -> JSON:
+        """{session_id, url}: send the browser to url; the plan starts when Stripe confirms."""
+        return self._call(
+            "create_checkout_session",
+            path={"tenant_id": tenant_id},
+            json={"plan_id": plan_id},
+            headers=_idem(idempotency_key),
+        )
+
+    def create_portal_session(self, tenant_id: str) -> JSON:
+        return self._call("create_portal_session", path={"tenant_id": tenant_id}, json={})
+
+    def change_subscription_plan(
+        self, tenant_id: str, plan_id: str, *, idempotency_key: str | None = None
+    ) -> JSON:
+        return self._call(
+            "change_subscription_plan",
+            path={"tenant_id": tenant_id},
+            json={"plan_id": plan_id},
+            headers=_idem(idempotency_key),
+        )
+
+    def cancel_subscription(self, tenant_id: str, *, cancel_at_period_end: bool = True) -> JSON:
+        return self._call(
+            "cancel_subscription",
+            path={"tenant_id": tenant_id},
+            json={"cancel_at_period_end": cancel_at_period_end},
+        )
+
+    def list_webhook_events(
+        self, *, status: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> JSON:
+        params = _params(status=status, limit=limit, cursor=cursor)
+        return self._call("list_webhook_events", params=params)
+
+    def reprocess_webhook_event(self, event_id: str) -> JSON:
+        return self._call("reprocess_webhook_event", path={"event_id": event_id})
 
 
 class AsyncAdminClient:

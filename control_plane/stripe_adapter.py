@@ -1,0 +1,291 @@
+"""The BillingAdapter on Stripe: the official SDK (StripeClient, async over httpx), the one
+module that imports `stripe`. It points at the local emulator unless STRIPE_SECRET_KEY is set.
+Everything it returns is billing_core's own types."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import stripe
+from stripe.params import CustomerCreateParams
+from stripe.params.checkout import SessionCreateParamsSubscriptionData
+
+from billing_core.billing import (
+    BillingEvent,
+    InvalidSignature,
+    PriceRef,
+    ProviderInvoice,
+    ProviderSubscription,
+    SessionLink,
+)
+from billing_core.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from billing_core.settings import Settings
+
+WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+def _at(value: Any) -> datetime | None:
+    return None if value in (None, 0) else datetime.fromtimestamp(int(value), UTC)
+
+
+def _dict(obj: Any) -> dict[str, Any]:
+    converted: dict[str, Any] = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+    return converted
+
+
+def subscription_from(data: Mapping[str, Any]) -> ProviderSubscription:
+    item = data["items"]["data"][0]
+    return ProviderSubscription(
+        subscription_id=data["id"],
+        customer_id=data["customer"],
+        status=data["status"],
+        price_id=item["price"]["id"],
+        item_id=item["id"],
+        # newer API versions keep the period on the item, older ones on the subscription
+        current_period_start=_at(
+            item.get("current_period_start") or data.get("current_period_start")
+        ),
+        current_period_end=_at(item.get("current_period_end") or data.get("current_period_end")),
+        billing_cycle_anchor=_at(data.get("billing_cycle_anchor")),
+        trial_start=_at(data.get("trial_start")),
+        trial_end=_at(data.get("trial_end")),
+        cancel_at_period_end=bool(data.get("cancel_at_period_end")),
+        canceled_at=_at(data.get("canceled_at")),
+        metadata=dict(data.get("metadata") or {}),
+    )
+
+
+def _invoice_subscription(data: Mapping[str, Any]) -> str | None:
+    parent = data.get("parent") or {}
+    details = parent.get("subscription_details") or {}
+    found = details.get("subscription") or data.get("subscription")
+    return str(found) if found else None
+
+
+def _invoice_price(data: Mapping[str, Any]) -> str | None:
+    lines = (data.get("lines") or {}).get("data") or []
+    if not lines:
+        return None
+    line = lines[0]
+    details = (line.get("pricing") or {}).get("price_details") or {}
+    price = details.get("price") or line.get("price")
+    if isinstance(price, Mapping):
+        price = price.get("id")
+    return str(price) if price else None
+
+
+def invoice_from(data: Mapping[str, Any]) -> ProviderInvoice:
+    return ProviderInvoice(
+        invoice_id=data["id"],
+        subscription_id=_invoice_subscription(data),
+        customer_id=data["customer"],
+        billing_reason=data.get("billing_reason") or "",
+        status=data.get("status") or "",
+        amount_paid_cents=int(data.get("amount_paid") or 0),
+        amount_due_cents=int(data.get("amount_due") or 0),
+        price_id=_invoice_price(data),
+        period_start=_at(data.get("period_start")),
+        period_end=_at(data.get("period_end")),
+    )
+
+
+def event_from(payload: Mapping[str, Any]) -> BillingEvent:
+    try:
+        obj = payload["data"]["object"]
+        kind = obj.get("object")
+        subscription_id: str | None = None
+        invoice = None
+        if kind == "subscription":
+            subscription_id = obj["id"]
+        elif kind == "checkout.session":
+            subscription_id = obj.get("subscription")
+        elif kind == "invoice":
+            invoice = invoice_from(obj)
+            subscription_id = invoice.subscription_id
+        customer = obj.get("customer")
+        return BillingEvent(
+            event_id=str(payload["id"]),
+            type=str(payload["type"]),
+            created=datetime.fromtimestamp(int(payload["created"]), UTC),
+            customer_id=customer if isinstance(customer, str) else None,
+            subscription_id=subscription_id,
+            client_reference_id=obj.get("client_reference_id")
+            if kind == "checkout.session"
+            else None,
+            metadata=dict(obj.get("metadata") or {}),
+            invoice=invoice,
+            payload=payload,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidSignature(f"not a Stripe event: {type(exc).__name__}: {exc}") from None
+
+
+class StripeBillingAdapter:
+    def __init__(self, settings: Settings) -> None:
+        base = settings.stripe_api_base
+        self._client = stripe.StripeClient(
+            settings.stripe_api_key,
+            base_addresses={"api": base} if base else None,
+            http_client=stripe.HTTPXClient(),
+            max_network_retries=2,
+        )
+        self._webhook_secret = settings.stripe_webhook_secret
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        """One place that turns Stripe's errors into the domain's."""
+        try:
+            return await coro
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                raise NotFound(f"{what}: {exc.user_message or exc}") from None
+            raise InvalidRequest(f"{what}: {exc.user_message or exc}") from None
+        except stripe.CardError as exc:
+            raise Conflict(f"{what}: {exc.user_message or exc}") from None
+        except stripe.StripeError as exc:
+            raise Unavailable(
+                f"{what}: the payment provider failed ({type(exc).__name__})"
+            ) from None
+
+    async def create_customer(self, tenant_id: str, email: str, name: str) -> str:
+        params: CustomerCreateParams = {"name": name, "metadata": {"tenant_id": tenant_id}}
+        if email:
+            params["email"] = email
+        customer = await self._call(
+            "create customer",
+            self._client.v1.customers.create_async(
+                params=params, options={"idempotency_key": f"customer-{tenant_id}"}
+            ),
+        )
+        return str(customer.id)
+
+    async def ensure_price(
+        self,
+        plan_id: str,
+        name: str,
+        price_cents: int,
+        currency: str,
+        interval: str,
+        existing: PriceRef | None,
+    ) -> PriceRef:
+        if existing is not None:
+            return existing
+        key = f"plan-{plan_id}-{price_cents}-{currency}-{interval}"
+        product = await self._call(
+            "create product",
+            self._client.v1.products.create_async(
+                params={"name": name, "metadata": {"plan_id": plan_id}},
+                options={"idempotency_key": f"{key}-product"},
+            ),
+        )
+        price = await self._call(
+            "create price",
+            self._client.v1.prices.create_async(
+                params={
+                    "product": product.id,
+                    "unit_amount": price_cents,
+                    "currency": currency,
+                    "recurring": {"interval": interval},
+                    "metadata": {"plan_id": plan_id},
+                },
+                options={"idempotency_key": f"{key}-price"},
+            ),
+        )
+        return PriceRef(str(product.id), str(price.id))
+
+    async def create_checkout_session(
+        self,
+        *,
+        tenant_id: str,
+        customer_id: str,
+        price_id: str,
+        trial_days: int,
+        success_url: str,
+        cancel_url: str,
+        idempotency_key: str,
+    ) -> SessionLink:
+        subscription_data: SessionCreateParamsSubscriptionData = {
+            "metadata": {"tenant_id": tenant_id}
+        }
+        if trial_days:
+            subscription_data["trial_period_days"] = trial_days
+        session = await self._call(
+            "create checkout session",
+            self._client.v1.checkout.sessions.create_async(
+                params={
+                    "mode": "subscription",
+                    "customer": customer_id,
+                    "client_reference_id": tenant_id,
+                    "line_items": [{"price": price_id, "quantity": 1}],
+                    "success_url": success_url,
+                    "cancel_url": cancel_url,
+                    "metadata": {"tenant_id": tenant_id},
+                    "subscription_data": subscription_data,
+                },
+                options={"idempotency_key": idempotency_key},
+            ),
+        )
+        return SessionLink(str(session.id), str(session.url))
+
+    async def create_portal_session(self, customer_id: str, return_url: str) -> SessionLink:
+        session = await self._call(
+            "create portal session",
+            self._client.v1.billing_portal.sessions.create_async(
+                params={"customer": customer_id, "return_url": return_url}
+            ),
+        )
+        return SessionLink(str(session.id), str(session.url))
+
+    async def fetch_subscription(self, subscription_id: str) -> ProviderSubscription:
+        sub = await self._call(
+            "fetch subscription", self._client.v1.subscriptions.retrieve_async(subscription_id)
+        )
+        return subscription_from(_dict(sub))
+
+    async def change_price(
+        self, subscription_id: str, item_id: str, price_id: str, *, upgrade: bool
+    ) -> ProviderSubscription:
+        # an upgrade is invoiced and paid now; a downgrade leaves a credit for the next invoice
+        sub = await self._call(
+            "change subscription",
+            self._client.v1.subscriptions.update_async(
+                subscription_id,
+                params={
+                    "items": [{"id": item_id, "price": price_id}],
+                    "proration_behavior": "always_invoice" if upgrade else "create_prorations",
+                    # an upgrade takes effect only once its proration is paid
+                    "payment_behavior": "pending_if_incomplete" if upgrade else "allow_incomplete",
+                },
+            ),
+        )
+        return subscription_from(_dict(sub))
+
+    async def cancel_at_period_end(
+        self, subscription_id: str, cancel: bool
+    ) -> ProviderSubscription:
+        sub = await self._call(
+            "cancel subscription",
+            self._client.v1.subscriptions.update_async(
+                subscription_id, params={"cancel_at_period_end": cancel}
+            ),
+        )
+        return subscription_from(_dict(sub))
+
+    def parse_webhook(self, payload: bytes, signature: str) -> BillingEvent:
+        if not self._webhook_secret:
+            raise InvalidSignature("STRIPE_WEBHOOK_SECRET is not set: webhooks cannot be verified")
+        try:
+            stripe.Webhook.construct_event(
+                payload, signature, self._webhook_secret, tolerance=WEBHOOK_TOLERANCE_SECONDS
+            )
+            data = json.loads(payload)
+        except stripe.SignatureVerificationError as exc:
+            raise InvalidSignature(str(exc.user_message or exc)) from None
+        except ValueError as exc:
+            raise InvalidSignature(f"the body is not JSON: {exc}") from None
+        return event_from(data)
+
+    def parse_stored_event(self, payload: Mapping[str, Any]) -> BillingEvent:
+        return event_from(payload)
