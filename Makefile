@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PY_PACKAGES := billing_core quota_service control_plane clients/python/src/quota_client scripts tests bench
+PY_PACKAGES := billing_core quota_service control_plane stripe_emulator clients/python/src/quota_client scripts tests bench
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test lint fmt proto check-generated bench clean

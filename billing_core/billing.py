@@ -75,6 +75,10 @@ class BillingEvent:
 
 
 class BillingAdapter(Protocol):
+    async def aclose(self) -> None:
+        """Release connections (at shutdown)."""
+        ...
+
     async def create_customer(self, tenant_id: str, email: str, name: str) -> str: ...
 
     async def ensure_price(

@@ -72,6 +72,7 @@ def create_app(
             expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
+            await app.state.billing.aclose()
             await pool.close()
 
     async def healthz(request: Request) -> Response:

@@ -126,13 +126,18 @@ def event_from(payload: Mapping[str, Any]) -> BillingEvent:
 class StripeBillingAdapter:
     def __init__(self, settings: Settings) -> None:
         base = settings.stripe_api_base
+        self._http = stripe.HTTPXClient()
         self._client = stripe.StripeClient(
             settings.stripe_api_key,
             base_addresses={"api": base} if base else None,
-            http_client=stripe.HTTPXClient(),
+            http_client=self._http,
             max_network_retries=2,
         )
         self._webhook_secret = settings.stripe_webhook_secret
+
+    async def aclose(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]
+        self._http.close()  # type: ignore[no-untyped-call]
 
     async def _call(self, what: str, coro: Any) -> Any:
         """One place that turns Stripe's errors into the domain's."""

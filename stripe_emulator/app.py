@@ -136,6 +136,9 @@ def create_app(settings: Settings, *, base_url: str | None = None) -> Starlette:
             for name in ("url", "secret", "copies", "shuffle", "paused"):
                 if name in changes:
                     setattr(sender.config, name, changes[name])
+            if changes.get("discard"):  # drop what is queued (events nobody should get)
+                while not sender.queue.empty():
+                    sender.queue.get_nowait()
             if changes.get("wait"):
                 await sender.idle()
         return JSONResponse(

@@ -92,8 +92,10 @@ class Emulator:
     # --- plumbing --------------------------------------------------------------------------
 
     def _new(self, kind: str, prefix: str, **values: Any) -> Obj:
-        obj = {k: _blank(v) for k, v in self.templates[kind].items()}
-        obj.update(object=kind, id=_id(prefix), livemode=False, metadata={})
+        template = self.templates[kind]
+        obj = {k: _blank(v) for k, v in template.items()}
+        obj.update(object=kind, id=_id(prefix))
+        obj.update({k: v for k, v in (("livemode", False), ("metadata", {})) if k in template})
         obj.update(values)
         self.objects[obj["id"]] = obj
         return obj
@@ -425,14 +427,17 @@ class Emulator:
         sub["latest_invoice"] = invoice["id"]
         return invoice
 
-    def _collect(self, sub: Obj, invoice: Obj, now: int, *, quiet: bool = False) -> bool:
+    def _collect(
+        self, sub: Obj, invoice: Obj, now: int, *, quiet: bool = False, retry: bool = False
+    ) -> bool:
         """Charge the customer's card for an open invoice; emit what Stripe emits.
-        quiet: a failed charge leaves the subscription's status alone (pending updates)."""
+        quiet: a failed charge leaves the subscription's status alone (pending updates).
+        A 'fails_later' card (4000 0000 0000 0341) fails renewals only, not a retry by hand."""
         invoice["attempted"] = True
         invoice["attempt_count"] += 1
         card = self.cards.get(sub["customer"], "ok")
-        first = invoice["billing_reason"] == "subscription_create"
-        fails = card == "declined" or (card == "fails_later" and not first)
+        renewal = invoice["billing_reason"] == "subscription_cycle" and not retry
+        fails = card == "declined" or (card == "fails_later" and renewal)
         if invoice["amount_due"] > 0 and fails:
             self.emit("invoice.payment_failed", public(invoice), now)
             if not quiet and sub["status"] in ("active", "trialing"):
@@ -524,12 +529,12 @@ class Emulator:
         if outcome is None or outcome == "declined":
             raise StripeError(402, "Your card was declined.", type_="card_error",
                               code="card_declined")  # fmt: skip
-        self.cards[customer_id] = "ok" if outcome == "fails_later" else outcome
+        self.cards[customer_id] = outcome
         now = self.now_for(customer_id)
         for invoice in [o for o in list(self.objects.values()) if o["object"] == "invoice"]:
             if invoice["customer"] == customer_id and invoice["status"] == "open":
                 sub = self.objects[invoice["parent"]["subscription_details"]["subscription"]]
-                self._collect(sub, invoice, now)
+                self._collect(sub, invoice, now, retry=True)
 
     # --- test clocks -------------------------------------------------------------------------
 
