@@ -22,6 +22,7 @@ def explain_subscription(
     cancel_at_period_end: bool = False,
     past_due_since: datetime | None = None,
     grace: timedelta = timedelta(days=3),
+    card_on_file: bool = False,
 ) -> str:
     """One or two sentences: what the tenant has, what happens next, what to do."""
     if status is None:
@@ -32,6 +33,11 @@ def explain_subscription(
             return (
                 f"Your free trial of {plan_name} ended on {_day(trial_end)}. "
                 "Subscribe to keep using it."
+            )
+        case SubscriptionStatus.TRIALING if card_on_file and trial_end is not None:
+            return (
+                f"You are on a free trial of {plan_name} until {_day(trial_end)}; "
+                "then it continues as your paid plan."
             )
         case SubscriptionStatus.TRIALING:
             end = f" until {_day(trial_end)}" if trial_end else ""

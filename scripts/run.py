@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -49,6 +50,17 @@ async def _prepare(database_url: str) -> str:
         await pool.close()
 
 
+def _kept_secret(name: str) -> str:
+    """A generated secret kept in .data/ so that restarts keep using it."""
+    path = DATA / name
+    if path.exists():
+        return path.read_text().strip()
+    secret = "whsec_" + secrets.token_hex(24)
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return secret
+
+
 def _wait_for_grpc(address: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
@@ -76,12 +88,32 @@ def main() -> int:
         where = f"embedded PostgreSQL 18, data in {DATA / 'pg'}"
     upgrade(database_url)
     key = asyncio.run(_prepare(database_url))
-    env = {**os.environ, "DATABASE_URL": database_url}
+    webhook_secret = settings.stripe_webhook_secret or _kept_secret("stripe_webhook_secret")
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "STRIPE_WEBHOOK_SECRET": webhook_secret,
+        "STRIPE_WEBHOOK_URL": settings.stripe_webhook_url,
+    }
+    commands = [["quota_service"], ["control_plane", "serve"]]
+    if not settings.stripe_secret_key:
+        commands.append(["stripe_emulator"])  # real Stripe when STRIPE_SECRET_KEY is set
     children = [
-        subprocess.Popen([sys.executable, "-m", "quota_service"], env=env, cwd=ROOT),
-        subprocess.Popen([sys.executable, "-m", "control_plane", "serve"], env=env, cwd=ROOT),
+        subprocess.Popen([sys.executable, "-m", *command], env=env, cwd=ROOT)
+        for command in commands
     ]
     grpc_address = f"{settings.grpc_host}:{settings.grpc_port}"
+    secret_from = (
+        "STRIPE_WEBHOOK_SECRET"
+        if settings.stripe_webhook_secret
+        else str(DATA / "stripe_webhook_secret")
+    )
+    stripe_where = (
+        "real Stripe (STRIPE_SECRET_KEY)"
+        if settings.stripe_secret_key
+        else f"local emulator http://{settings.stripe_emulator_host}:{settings.stripe_emulator_port}"
+        " (test cards 4242 4242 4242 4242, 4000 0000 0000 0002, 4000 0000 0000 0341)"
+    )
     serving = _wait_for_grpc(grpc_address, 20)
     print(
         "\n".join(
@@ -96,6 +128,8 @@ def main() -> int:
                 f"  control plane  http://{settings.http_host}:{settings.http_port}"
                 "  (/healthz, /readyz, /metrics)",
                 f"  admin API key  {key}",
+                f"  Stripe         {stripe_where}",
+                f"  webhooks       {settings.stripe_webhook_url} (secret in {secret_from})",
                 "Ctrl-C stops everything.",
                 "",
             ]

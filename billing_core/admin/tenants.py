@@ -124,6 +124,7 @@ async def get_subscription(
         cancel_at_period_end=cancel,
         past_due_since=past_due_since,
         grace=grace,
+        card_on_file=stripe_sub is not None,
     )
     return SubscriptionView(
         tenant_id,
