@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import quote
 
+from billing_core import catalog
 from billing_core.admin import audit
 from billing_core.admin.plans import PlanView, get_plan
 from billing_core.admin.tenants import SubscriptionView, get_subscription, get_tenant
@@ -80,6 +81,7 @@ async def _price_for(conn: Conn, adapter: BillingAdapter, plan: PlanView) -> str
             "UPDATE plans SET stripe_product_id = %s, stripe_price_id = %s WHERE plan_id = %s",
             (ref.product_id, ref.price_id, plan.plan_id),
         )
+        await catalog.remember_stripe_price(conn, plan.plan_id, ref.price_id)
     return ref.price_id
 
 
@@ -248,14 +250,10 @@ async def apply_provider_subscription(
 ) -> str:
     """Make our row say what the provider says (the caller holds the tenant's lock).
     A live subscription becomes the tenant's one current subscription."""
-    cur = await conn.execute(
-        "SELECT plan_id FROM plans WHERE stripe_price_id = %s ORDER BY active DESC LIMIT 1",
-        (sub.price_id,),
-    )
-    row = await cur.fetchone()
-    if row is None:
+    found = await catalog.plan_for_stripe_price(conn, sub.price_id)
+    if found is None:
         raise Conflict(f"no plan sells the provider's price {sub.price_id!r}")
-    plan_id = str(row[0])
+    plan_id = found
     status = sub.status if sub.status in _STATUS else "unpaid"  # e.g. Stripe's 'paused'
     live = status in LIVE
     cur = await conn.execute(

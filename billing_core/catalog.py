@@ -110,9 +110,32 @@ async def create_plan(conn: Conn, spec: PlanSpec, now: datetime, plan_id: str | 
                 ),
             )
             await write_plan_children(conn, plan_id, spec)
+            if spec.stripe_price_id:
+                await remember_stripe_price(conn, plan_id, spec.stripe_price_id)
     except pg_errors.UniqueViolation as exc:
         raise Conflict(f"a plan with id {plan_id!r} or active name {spec.name!r} exists") from exc
     return plan_id
+
+
+async def remember_stripe_price(conn: Conn, plan_id: str, price_id: str) -> None:
+    """Keep the price → plan link for good (subscribers stay on old prices)."""
+    cur = await conn.execute(
+        "INSERT INTO plan_stripe_prices (stripe_price_id, plan_id) VALUES (%s, %s)"
+        " ON CONFLICT (stripe_price_id) DO UPDATE SET stripe_price_id = EXCLUDED.stripe_price_id"
+        " RETURNING plan_id",
+        (price_id, plan_id),
+    )
+    row = await cur.fetchone()
+    if row is None or row[0] != plan_id:
+        raise Conflict(f"Stripe price {price_id!r} already belongs to plan {row and row[0]!r}")
+
+
+async def plan_for_stripe_price(conn: Conn, price_id: str) -> str | None:
+    cur = await conn.execute(
+        "SELECT plan_id FROM plan_stripe_prices WHERE stripe_price_id = %s", (price_id,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else str(row[0])
 
 
 async def write_plan_children(conn: Conn, plan_id: str, spec: PlanSpec) -> None:

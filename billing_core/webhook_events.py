@@ -136,7 +136,11 @@ async def _apply(conn: Conn, adapter: BillingAdapter, event: BillingEvent, now: 
         on = GRANT_FOR_REASON.get(invoice.billing_reason)
         if on == "upgrade" and invoice.amount_paid_cents <= 0:
             on = None  # a downgrade's credit note is not an upgrade
-        plan_id = await _plan_of_price(conn, invoice.price_id)
+        plan_id = (
+            await catalog.plan_for_stripe_price(conn, invoice.price_id)
+            if invoice.price_id
+            else None
+        )
         if on and plan_id:
             period = invoice.period_start.isoformat() if invoice.period_start else ""
             key = {
@@ -173,17 +177,6 @@ async def _apply(conn: Conn, adapter: BillingAdapter, event: BillingEvent, now: 
 
 def _money(cents: int) -> str:
     return f"{cents // 100}.{cents % 100:02d}"
-
-
-async def _plan_of_price(conn: Conn, price_id: str | None) -> str | None:
-    if not price_id:
-        return None
-    cur = await conn.execute(
-        "SELECT plan_id FROM plans WHERE stripe_price_id = %s ORDER BY active DESC LIMIT 1",
-        (price_id,),
-    )
-    row = await cur.fetchone()
-    return None if row is None else str(row[0])
 
 
 # --- admin: failed events and re-processing ---------------------------------------------------

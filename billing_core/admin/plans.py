@@ -132,6 +132,12 @@ async def update_plan(
     try:
         async with conn.transaction():
             before = await get_plan(conn, plan_id, lock=True)
+            money = ("price_cents", "currency", "interval")
+            repriced = any(k in changes and changes[k] != getattr(before.spec, k) for k in money)
+            if repriced and "stripe_price_id" not in changes:
+                # Stripe prices never change: the next checkout creates a new one, while
+                # subscribers stay on the old one (still linked in plan_stripe_prices)
+                changes = {**changes, "stripe_price_id": None}
             spec = dataclasses.replace(before.spec, **changes)
             spec.validate()
             if (
@@ -162,6 +168,8 @@ async def update_plan(
                     plan_id,
                 ),
             )
+            if changes.get("stripe_price_id"):
+                await catalog.remember_stripe_price(conn, plan_id, changes["stripe_price_id"])
             if "quotas" in changes or "wallet_grants" in changes:
                 await conn.execute("DELETE FROM plan_quotas WHERE plan_id = %s", (plan_id,))
                 await conn.execute("DELETE FROM plan_wallet_grants WHERE plan_id = %s", (plan_id,))

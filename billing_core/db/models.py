@@ -85,6 +85,17 @@ class Plan(Base):
     updated_at: Mapped[datetime] = _created()
 
 
+class PlanStripePrice(Base):
+    """Every provider price a plan was ever sold at: subscribers keep an old price when the
+    plan's price changes, and their webhooks must still find the plan."""
+
+    __tablename__ = "plan_stripe_prices"
+
+    stripe_price_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    plan_id: Mapped[str] = mapped_column(ForeignKey("plans.plan_id"), index=True)
+    created_at: Mapped[datetime] = _created()
+
+
 class PlanQuota(Base):
     __tablename__ = "plan_quotas"
     __table_args__ = (

@@ -168,3 +168,39 @@ async def test_a_card_less_trial_expires_or_continues_into_a_paid_plan(
         b = (await api.get(f"/v1/tenants/b-{uid}/subscription")).json()
         assert a["status"] == "trial_expired" and "has ended" in a["explanation"]
         assert b["status"] == "active" and b["plan_id"] == plan
+
+
+async def test_a_price_change_keeps_old_subscribers_and_sells_the_new_price(
+    stack: Stack, uid: str
+) -> None:
+    async with stack.api() as api:
+        plan = await make(api, f"old-{uid}", name=f"rp-{uid}", price_cents=1000)
+        r = await api.post(f"/v1/tenants/old-{uid}/checkout-sessions", json={"plan_id": plan})
+        await pay(r.json()["url"])
+        await stack.settle()
+        [(old_price,)] = await stack.fetch(
+            "SELECT stripe_price_id FROM plans WHERE plan_id = %s", plan
+        )
+        r = await api.patch(f"/v1/plans/{plan}", json={"price_cents": 1500})
+        assert r.json()["stripe_price_id"] is None  # Stripe prices never change
+        await api.post("/v1/tenants", json={"tenant_id": f"new-{uid}", "name": "N"})
+        r = await api.post(f"/v1/tenants/new-{uid}/checkout-sessions", json={"plan_id": plan})
+        page_price = stack.emulator_app.state.emulator.objects[r.json()["session_id"]]
+        assert page_price["amount_total"] == 1500
+        await pay(r.json()["url"])
+        # the old subscriber's events still find the plan
+        r = await api.post(
+            f"/v1/tenants/old-{uid}/subscription/cancel", json={"cancel_at_period_end": True}
+        )
+        assert r.status_code == 200, r.text
+        await stack.settle()
+        failed = (await api.get("/v1/webhook-events", params={"status": "failed"})).json()
+        assert failed["items"] == []
+        prices = await stack.fetch(
+            "SELECT count(*) FROM plan_stripe_prices WHERE plan_id = %s", plan
+        )
+        assert prices == [(2,)]
+        for t in (f"old-{uid}", f"new-{uid}"):
+            sub = (await api.get(f"/v1/tenants/{t}/subscription")).json()
+            assert sub["plan_id"] == plan and sub["status"] == "active"
+        assert old_price

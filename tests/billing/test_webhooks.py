@@ -110,10 +110,7 @@ async def test_a_failing_event_is_recorded_answered_500_and_can_be_reprocessed(
             )
             # the plan loses its Stripe price: the event cannot be mapped to a plan
             [(price_id,)] = await stack.fetch(
-                "SELECT stripe_price_id FROM plans WHERE plan_id = %s", plan["plan_id"]
-            )
-            await stack.fetch(
-                "UPDATE plans SET stripe_price_id = NULL WHERE plan_id = %s RETURNING 1",
+                "DELETE FROM plan_stripe_prices WHERE plan_id = %s RETURNING stripe_price_id",
                 plan["plan_id"],
             )
             body = json.dumps(created).encode()
@@ -125,7 +122,8 @@ async def test_a_failing_event_is_recorded_answered_500_and_can_be_reprocessed(
             assert (await api.get(f"/v1/tenants/f-{uid}/subscription")).json()["status"] == "none"
             # the operator fixes the mapping and re-processes
             await stack.fetch(
-                "UPDATE plans SET stripe_price_id = %s WHERE plan_id = %s RETURNING 1",
+                "INSERT INTO plan_stripe_prices (stripe_price_id, plan_id) VALUES (%s, %s)"
+                " RETURNING 1",
                 price_id,
                 plan["plan_id"],
             )

@@ -23,6 +23,8 @@ FORBIDDEN = {
     },
     "quota_service": {"starlette", "stripe", "control_plane", "stripe_emulator"},
     "control_plane": {"grpc", "quota_service", "stripe_emulator"},
+    # the emulator plays Stripe: it shares nothing with the product but settings and logs
+    "stripe_emulator": {"stripe", "grpc", "quota_service", "control_plane", "psycopg"},
 }
 
 
