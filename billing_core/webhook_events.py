@@ -15,6 +15,7 @@ import structlog
 from psycopg.types.json import Jsonb
 
 from billing_core import catalog
+from billing_core.admin import audit
 from billing_core.admin.pages import Page, check_limit, decode_cursor, page_of
 from billing_core.billing import BillingAdapter, BillingEvent
 from billing_core.billing_flows import apply_provider_subscription
@@ -128,8 +129,21 @@ async def _apply(conn: Conn, adapter: BillingAdapter, event: BillingEvent, now: 
     if event.subscription_id:
         # the provider's state now, not the event's snapshot: late or repeated events
         # can never move the subscription back in time
+        before = await _subscription_state(conn, tenant_id)
         sub = await adapter.fetch_subscription(event.subscription_id)
         await apply_provider_subscription(conn, tenant_id, sub, now)
+        after = await _subscription_state(conn, tenant_id)
+        if after != before:
+            await audit.record(
+                conn,
+                actor=f"stripe:{event.event_id}",
+                action=f"subscription.{event.type}",
+                entity_type="tenant",
+                entity_id=tenant_id,
+                before=before,
+                after=after,
+                now=now,
+            )
     notes: list[tuple[str, str, str, dict[str, Any]]] = []
     invoice = event.invoice
     if event.type == "invoice.paid" and invoice is not None and invoice.subscription_id:
@@ -173,6 +187,20 @@ async def _apply(conn: Conn, adapter: BillingAdapter, event: BillingEvent, now: 
         )  # fmt: skip
     if notes:
         await store.insert_notifications(conn, tenant_id, notes, now)
+
+
+async def _subscription_state(conn: Conn, tenant_id: str) -> dict[str, Any] | None:
+    cur = await conn.execute(
+        "SELECT subscription_id, plan_id, status, cancel_at_period_end, current_period_end,"
+        " stripe_subscription_id FROM subscriptions WHERE tenant_id = %s AND is_current",
+        (tenant_id,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    names = ("subscription_id", "plan_id", "status", "cancel_at_period_end",
+             "current_period_end", "stripe_subscription_id")  # fmt: skip
+    return dict(zip(names, row, strict=True))
 
 
 def _money(cents: int) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import stripe
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
@@ -139,6 +140,20 @@ def billing_database(server_url: str) -> Iterator[str]:
 async def stack(billing_database: str) -> AsyncIterator[Stack]:
     async with billing_stack(billing_database) as running:
         yield running
+
+
+@contextlib.asynccontextmanager
+async def stripe_sdk(stack: Stack) -> AsyncIterator[stripe.StripeClient]:
+    """The official SDK pointed at the stack's emulator (as a dashboard user would drive
+    Stripe: test clocks, customers), with its connections closed afterwards."""
+    http = stripe.HTTPXClient()
+    try:
+        yield stripe.StripeClient(
+            EMULATOR_KEY, base_addresses={"api": stack.emulator_url}, http_client=http
+        )
+    finally:
+        await http.close_async()  # type: ignore[no-untyped-call]
+        http.close()  # type: ignore[no-untyped-call]
 
 
 async def pay(url: str, card: str = "4242 4242 4242 4242") -> httpx.Response:

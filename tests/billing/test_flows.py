@@ -9,7 +9,7 @@ import httpx
 import stripe
 
 from billing_core import billing_flows
-from tests.billing.conftest import EMULATOR_KEY, Stack, pay
+from tests.billing.conftest import Stack, pay, stripe_sdk
 
 DAY = 86_400
 
@@ -23,10 +23,7 @@ async def make(api: httpx.AsyncClient, tenant: str, **plan: object) -> str:
     return plan_id
 
 
-async def on_test_clock(stack: Stack, tenant: str) -> tuple[stripe.StripeClient, str, int]:
-    client = stripe.StripeClient(
-        EMULATOR_KEY, base_addresses={"api": stack.emulator_url}, http_client=stripe.HTTPXClient()
-    )
+async def on_test_clock(client: stripe.StripeClient, stack: Stack, tenant: str) -> tuple[str, int]:
     clock = await client.v1.test_helpers.test_clocks.create_async(
         params={"frozen_time": int(time.time())}
     )
@@ -36,7 +33,7 @@ async def on_test_clock(stack: Stack, tenant: str) -> tuple[stripe.StripeClient,
         customer.id,
         tenant,
     )
-    return client, clock.id, int(clock.frozen_time)
+    return clock.id, int(clock.frozen_time)
 
 
 async def test_checkout_refusals(stack: Stack, uid: str) -> None:
@@ -106,10 +103,10 @@ async def test_an_upgrade_whose_payment_fails_changes_nothing(stack: Stack, uid:
 
 async def test_stripe_trial_warns_then_becomes_paid_without_a_gap(stack: Stack, uid: str) -> None:
     t = f"tr-{uid}"
-    async with stack.api() as api:
+    async with stack.api() as api, stripe_sdk(stack) as client:
         plan = await make(api, t, name=f"trial-{uid}", price_cents=2000, trial=True,
                           trial_days=14)  # fmt: skip
-        client, clock, now = await on_test_clock(stack, t)
+        clock, now = await on_test_clock(client, stack, t)
         r = await api.post(f"/v1/tenants/{t}/checkout-sessions", json={"plan_id": plan})
         async with httpx.AsyncClient() as browser:
             page = await browser.get(r.json()["url"])

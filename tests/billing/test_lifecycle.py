@@ -17,7 +17,7 @@ import stripe
 from billing_core.db.embedded import drop_database, ensure_database
 from billing_core.db.migrate import upgrade
 from stripe_emulator.webhooks import sign
-from tests.billing.conftest import EMULATOR_KEY, Stack, billing_stack, pay
+from tests.billing.conftest import Stack, billing_stack, pay, stripe_sdk
 
 DAY = 86_400
 PRO = {
@@ -34,12 +34,6 @@ TEAM = {"name": "Team", "price_cents": 5000,
         "wallet_grants": [{"on": "upgrade", "amount_micros": 2_000_000},
                           {"on": "renewal", "amount_micros": 800_000}],
         "quotas": [{"resource": "messages", "period": "monthly", "limit": 5000}]}  # fmt: skip
-
-
-def sdk(stack: Stack) -> stripe.StripeClient:
-    return stripe.StripeClient(
-        EMULATOR_KEY, base_addresses={"api": stack.emulator_url}, http_client=stripe.HTTPXClient()
-    )
 
 
 async def status_of(stack: Stack, tenant: str) -> tuple[str, str | None, bool]:
@@ -83,7 +77,11 @@ async def make_plans(api: httpx.AsyncClient, uid: str, **stripe_ids: str) -> dic
 async def test_lifecycle_in_order_then_replayed_shuffled_gives_the_same_books(
     stack: Stack, server_url: str, uid: str
 ) -> None:
-    client = sdk(stack)
+    async with stripe_sdk(stack) as client:
+        await _lifecycle(stack, server_url, uid, client)
+
+
+async def _lifecycle(stack: Stack, server_url: str, uid: str, client: stripe.StripeClient) -> None:
     clock = await client.v1.test_helpers.test_clocks.create_async(
         params={"frozen_time": int(time.time())}
     )
@@ -159,6 +157,13 @@ async def test_lifecycle_in_order_then_replayed_shuffled_gives_the_same_books(
         assert failed["items"] == []
 
     in_order = await snapshot(stack, tenant)
+    trail = await stack.fetch(
+        "SELECT actor, after->>'status' FROM audit_log WHERE entity_id = %s"
+        " AND action LIKE 'subscription.customer.subscription%%' ORDER BY audit_id",
+        tenant,
+    )
+    assert all(actor.startswith("stripe:evt_") for actor, _ in trail)
+    assert [status for _, status in trail][-1] == "canceled"
     grants = [(source, amount) for source, amount, _ in in_order["grants"]]
     assert sorted(grants) == sorted(
         [("start", 1_000_000), ("renewal", 500_000), ("upgrade", 2_000_000), ("renewal", 800_000)]

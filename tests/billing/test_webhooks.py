@@ -163,3 +163,34 @@ async def test_the_success_page_activates_nothing(stack: Stack, uid: str) -> Non
         await stack.settle()
         sub = (await api.get(f"/v1/tenants/s-{uid}/subscription")).json()
         assert sub["status"] == "active" and sub["plan_id"] == plan["plan_id"]
+
+
+async def test_live_delivery_with_duplicates_out_of_order_applies_once(
+    stack: Stack, uid: str
+) -> None:
+    t = f"dup-{uid}"
+    async with stack.api() as api:
+        plan = (
+            await api.post(
+                "/v1/plans",
+                json={
+                    "name": f"dup-{uid}",
+                    "price_cents": 1200,
+                    "wallet_grants": [{"on": "start", "amount_micros": 700}],
+                },
+            )
+        ).json()
+        await api.post("/v1/tenants", json={"tenant_id": t, "name": "D"})
+        r = await api.post(f"/v1/tenants/{t}/checkout-sessions", json={"plan_id": plan["plan_id"]})
+        await stack.webhooks(copies=3, shuffle=True)
+        try:
+            await pay(r.json()["url"])
+            await stack.settle()
+        finally:
+            await stack.webhooks(copies=1, shuffle=False)
+        sub = (await api.get(f"/v1/tenants/{t}/subscription")).json()
+        assert sub["status"] == "active" and sub["plan_id"] == plan["plan_id"]
+        wallet = (await api.get(f"/v1/tenants/{t}/wallet")).json()
+        assert wallet["balance_micros"] == 700 and len(wallet["grants"]) == 1
+        rows = await stack.fetch("SELECT count(*) FROM subscriptions WHERE tenant_id = %s", t)
+        assert rows == [(1,)]
