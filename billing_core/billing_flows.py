@@ -135,15 +135,14 @@ async def start_checkout(
             # a double click within a minute gets the same session back
             idempotency_key=f"checkout-{tenant_id}-{price_id}-{now:%Y%m%d%H%M}",
         )
-        await audit.record(
+        await audit.record_tenant(
             conn,
-            actor=actor,
-            action="checkout.start",
-            entity_type="tenant",
-            entity_id=tenant_id,
-            before=None,
-            after={"plan_id": plan_id, "session_id": link.session_id, "trial_days": trial_days},
-            now=now,
+            actor,
+            "checkout.start",
+            tenant_id,
+            None,
+            {"plan_id": plan_id, "session_id": link.session_id, "trial_days": trial_days},
+            now,
         )
     return link
 
@@ -201,16 +200,7 @@ async def change_plan(
             )
         await apply_provider_subscription(conn, tenant_id, changed, now)
         after = await get_subscription(conn, tenant_id, now, grace)
-        await audit.record(
-            conn,
-            actor=actor,
-            action="subscription.change",
-            entity_type="tenant",
-            entity_id=tenant_id,
-            before=before,
-            after=after,
-            now=now,
-        )
+        await audit.record_tenant(conn, actor, "subscription.change", tenant_id, before, after, now)
     return after
 
 
@@ -232,15 +222,14 @@ async def set_cancel_at_period_end(
         changed = await adapter.cancel_at_period_end(current[0], cancel)
         await apply_provider_subscription(conn, tenant_id, changed, now)
         after = await get_subscription(conn, tenant_id, now, grace)
-        await audit.record(
+        await audit.record_tenant(
             conn,
-            actor=actor,
-            action="subscription.cancel" if cancel else "subscription.resume",
-            entity_type="tenant",
-            entity_id=tenant_id,
-            before=before,
-            after=after,
-            now=now,
+            actor,
+            "subscription.cancel" if cancel else "subscription.resume",
+            tenant_id,
+            before,
+            after,
+            now,
         )
     return after
 

@@ -134,15 +134,14 @@ async def _apply(conn: Conn, adapter: BillingAdapter, event: BillingEvent, now: 
         await apply_provider_subscription(conn, tenant_id, sub, now)
         after = await _subscription_state(conn, tenant_id)
         if after != before:
-            await audit.record(
+            await audit.record_tenant(
                 conn,
-                actor=f"stripe:{event.event_id}",
-                action=f"subscription.{event.type}",
-                entity_type="tenant",
-                entity_id=tenant_id,
-                before=before,
-                after=after,
-                now=now,
+                f"stripe:{event.event_id}",
+                f"subscription.{event.type}",
+                tenant_id,
+                before,
+                after,
+                now,
             )
     notes: list[tuple[str, str, str, dict[str, Any]]] = []
     invoice = event.invoice

@@ -37,15 +37,22 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.cleanup()
 
 
-@pytest.fixture(scope="session")
-def database_url(server_url: str) -> Iterator[str]:
-    name = f"bp_test_{os.getpid()}_{secrets.token_hex(3)}"
+@contextlib.contextmanager
+def fresh_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new database on the server, migrated to head, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     url = ensure_database(server_url, name)
     upgrade(url)
     try:
         yield url
     finally:
         drop_database(server_url, name)
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    with fresh_database(server_url, "bp_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -140,10 +147,5 @@ async def control_plane(database_url: str) -> AsyncIterator[ControlPlane]:
 @pytest.fixture
 def scratch_database(server_url: str) -> Iterator[str]:
     """A migrated database of its own, for tests that would litter the shared one."""
-    name = f"bp_scratch_{os.getpid()}_{secrets.token_hex(3)}"
-    url = ensure_database(server_url, name)
-    upgrade(url)
-    try:
+    with fresh_database(server_url, "bp_scratch") as url:
         yield url
-    finally:
-        drop_database(server_url, name)

@@ -61,3 +61,19 @@ async def record(
 
 def _json(value: dict[str, Any] | None) -> Jsonb | None:
     return None if value is None else Jsonb(value)
+
+
+async def record_tenant(
+    conn: Conn, actor: str, action: str, tenant_id: str, before: Any, after: Any, now: datetime
+) -> None:
+    """A change to one tenant (its subscription, overrides, wallet)."""
+    await record(
+        conn,
+        actor=actor,
+        action=action,
+        entity_type="tenant",
+        entity_id=tenant_id,
+        before=before,
+        after=after,
+        now=now,
+    )

@@ -81,16 +81,7 @@ async def create_tenant(
     async with conn.transaction():
         await catalog.create_tenant(conn, tenant_id, name, now, email=email, timezone=timezone)
         view = await get_tenant(conn, tenant_id)
-        await audit.record(
-            conn,
-            actor=actor,
-            action="tenant.create",
-            entity_type="tenant",
-            entity_id=tenant_id,
-            before=None,
-            after=view,
-            now=now,
-        )
+        await audit.record_tenant(conn, actor, "tenant.create", tenant_id, None, view, now)
     return view
 
 
@@ -165,16 +156,7 @@ async def assign_plan(
             )
         await catalog.assign_plan(conn, tenant_id, plan_id, now)
         after = await get_subscription(conn, tenant_id, now, grace)
-        await audit.record(
-            conn,
-            actor=actor,
-            action="subscription.assign",
-            entity_type="tenant",
-            entity_id=tenant_id,
-            before=before,
-            after=after,
-            now=now,
-        )
+        await audit.record_tenant(conn, actor, "subscription.assign", tenant_id, before, after, now)
     return after
 
 
@@ -211,16 +193,7 @@ async def start_trial(
             "UPDATE tenants SET trial_used_at = %s WHERE tenant_id = %s", (now, tenant_id)
         )
         after = await get_subscription(conn, tenant_id, now, grace)
-        await audit.record(
-            conn,
-            actor=actor,
-            action="subscription.trial",
-            entity_type="tenant",
-            entity_id=tenant_id,
-            before=before,
-            after=after,
-            now=now,
-        )
+        await audit.record_tenant(conn, actor, "subscription.trial", tenant_id, before, after, now)
     return after
 
 
@@ -257,14 +230,7 @@ async def set_overrides(
         before = await get_overrides(conn, tenant_id)
         await catalog.set_overrides(conn, tenant_id, quotas)
         after = await get_overrides(conn, tenant_id)
-        await audit.record(
-            conn,
-            actor=actor,
-            action="overrides.set",
-            entity_type="tenant",
-            entity_id=tenant_id,
-            before={"quotas": before},
-            after={"quotas": after},
-            now=now,
+        await audit.record_tenant(
+            conn, actor, "overrides.set", tenant_id, {"quotas": before}, {"quotas": after}, now
         )
     return after

@@ -100,14 +100,5 @@ async def grant(
         view = next(
             g for g in (await get_wallet(conn, tenant_id, now)).grants if g.grant_id == grant_id
         )
-        await audit.record(
-            conn,
-            actor=actor,
-            action="wallet.grant",
-            entity_type="tenant",
-            entity_id=tenant_id,
-            before=None,
-            after=view,
-            now=now,
-        )
+        await audit.record_tenant(conn, actor, "wallet.grant", tenant_id, None, view, now)
     return view

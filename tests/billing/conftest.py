@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -21,12 +20,11 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 
 from billing_core.api_keys import create_api_key
-from billing_core.db.embedded import drop_database, ensure_database
-from billing_core.db.migrate import upgrade
 from billing_core.db.pool import open_pool
 from billing_core.settings import Settings
 from control_plane.app import create_app as create_control_plane
 from stripe_emulator.app import create_app as create_emulator
+from tests.conftest import fresh_database
 
 EMULATOR_KEY = "sk_test_emulator_tests"
 
@@ -127,13 +125,8 @@ async def billing_stack(
 
 @pytest.fixture(scope="module")
 def billing_database(server_url: str) -> Iterator[str]:
-    name = f"bp_billing_{os.getpid()}_{secrets.token_hex(3)}"
-    url = ensure_database(server_url, name)
-    upgrade(url)
-    try:
+    with fresh_database(server_url, "bp_billing") as url:
         yield url
-    finally:
-        drop_database(server_url, name)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ from typing import Any
 import httpx
 import stripe
 
-from billing_core.db.embedded import drop_database, ensure_database
-from billing_core.db.migrate import upgrade
 from stripe_emulator.webhooks import sign
 from tests.billing.conftest import Stack, billing_stack, pay, stripe_sdk
+from tests.conftest import fresh_database
 
 DAY = 86_400
 PRO = {
@@ -172,9 +171,7 @@ async def _lifecycle(stack: Stack, server_url: str, uid: str, client: stripe.Str
 
     # every event Stripe sent, replayed to a second deployment: 5 times, shuffled, at once
     events = [e for e in stack.emulator_app.state.emulator.events if e["data"]["object"]]
-    replay_db = ensure_database(server_url, f"bp_replay_{uid}")
-    upgrade(replay_db)
-    try:
+    with fresh_database(server_url, "bp_replay") as replay_db:
         async with billing_stack(
             replay_db, emulator=stack.emulator_app, emulator_url=stack.emulator_url
         ) as replica:
@@ -220,8 +217,6 @@ async def _lifecycle(stack: Stack, server_url: str, uid: str, client: stripe.Str
                 " FROM stripe_webhook_events"
             )
             assert stored == [(len(events), len(events))]
-    finally:
-        drop_database(server_url, f"bp_replay_{uid}")
 
     def comparable(snap: dict[str, Any], plan_ids: dict[str, str]) -> dict[str, Any]:
         names = {v: k for k, v in plan_ids.items()}
