@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from billing_core.clock import Clock
 from billing_core.db import quota_store as store
 from billing_core.db.quota_store import Conn, CounterKey, TenantContext, UsageRecordRow
-from billing_core.errors import Conflict, InvalidRequest, Unavailable
+from billing_core.errors import Conflict, InvalidRequest, NotFound, QuotaError, Unavailable
 from billing_core.ids import new_id
 from billing_core.limits import (
     Quota,
@@ -125,6 +125,42 @@ class QuotaEngine:
     async def consume(self, req: ConsumeRequest) -> Decision:
         req.validate()
         return await self._run(lambda conn: self._admit(conn, req, None))
+
+    async def consume_batch(self, reqs: Sequence[ConsumeRequest]) -> list[Decision | QuotaError]:
+        """Decide many requests in one transaction, in the given order, exactly as one-by-one
+        calls would (each runs in a savepoint and sees the ones before it); one commit
+        for all. When the batch as a whole fails, each request is retried on its own, so
+        one bad request never fails its neighbours."""
+        results: dict[int, Decision | QuotaError] = {}
+        valid: list[int] = []
+        for i, req in enumerate(reqs):
+            try:
+                req.validate()
+                valid.append(i)
+            except QuotaError as exc:
+                results[i] = exc
+
+        async def work(conn: Conn) -> dict[int, Decision | QuotaError]:
+            done: dict[int, Decision | QuotaError] = {}
+            async with conn.transaction():
+                for i in valid:
+                    try:
+                        done[i] = await self._admit(conn, reqs[i], None)
+                    except (InvalidRequest, NotFound, Conflict) as exc:
+                        done[i] = exc  # its savepoint rolled back; the others stand
+            return done
+
+        try:
+            results.update(await self._run(work))
+        except Unavailable as exc:
+            results.update({i: exc for i in valid})  # one by one would not fare better
+        except psycopg.Error:
+            for i in valid:
+                try:
+                    results[i] = await self.consume(reqs[i])
+                except QuotaError as exc:
+                    results[i] = exc
+        return [results[i] for i in range(len(reqs))]
 
     async def reserve(self, req: ReserveRequest) -> Decision:
         req.validate()

@@ -39,6 +39,7 @@ class Settings:
     db_pool_size: int = 8
     db_acquire_timeout_ms: int = 2000
     drain_seconds: int = 10
+    coalesce_requests: bool = True
     # quota rules
     idempotency_ttl_hours: int = 24
     past_due_grace_days: int = 3
@@ -76,6 +77,8 @@ class Settings:
             db_pool_size=_int(env, "QUOTA_DB_POOL_SIZE", 8),
             db_acquire_timeout_ms=_int(env, "QUOTA_DB_ACQUIRE_TIMEOUT_MS", 2000),
             drain_seconds=_int(env, "QUOTA_DRAIN_SECONDS", 10),
+            coalesce_requests=_str(env, "QUOTA_COALESCE", "on").lower()
+            not in ("0", "off", "false"),
             idempotency_ttl_hours=_int(env, "IDEMPOTENCY_TTL_HOURS", 24),
             past_due_grace_days=_int(env, "PAST_DUE_GRACE_DAYS", 3),
             reservation_sweep_seconds=_int(env, "RESERVATION_SWEEP_SECONDS", 30),

@@ -25,6 +25,7 @@ from billing_core.clock import Clock, SystemClock
 from billing_core.db.pool import open_pool, ping
 from billing_core.quota_engine import QuotaEngine, QuotaRules
 from billing_core.settings import Settings
+from quota_service.coalescer import Coalescer
 from quota_service.servicer import Metrics, QuotaServicer
 
 log = structlog.get_logger(__name__)
@@ -68,11 +69,14 @@ class QuotaServer:
     health: AsyncHealthServicer
     registry: CollectorRegistry
     port: int
+    coalescer: Coalescer | None = None
     metrics_port: int = 0
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: Any = None
 
     async def start(self) -> None:
+        if self.coalescer is not None:
+            self.coalescer.start()
         await self.server.start()
         if self.settings.metrics_port >= 0 and self.settings.metrics_port != 0:
             self._metrics_server, _ = start_http_server(
@@ -129,6 +133,8 @@ class QuotaServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(grace)
+        if self.coalescer is not None:
+            await self.coalescer.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         await self.pool.close()
@@ -156,7 +162,11 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
     )
     registry = CollectorRegistry()
-    pb_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(engine, Metrics(registry)), server)
+    coalescer = (
+        Coalescer(engine, lanes=settings.db_pool_size) if settings.coalesce_requests else None
+    )
+    servicer = QuotaServicer(engine, Metrics(registry), coalescer)
+    pb_grpc.add_QuotaServiceServicer_to_server(servicer, server)
     health = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -172,7 +182,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
         port = server.add_secure_port(address, _tls_credentials(settings))
     else:
         port = server.add_insecure_port(address)
-    return QuotaServer(settings, server, pool, engine, health, registry, port)
+    return QuotaServer(settings, server, pool, engine, health, registry, port, coalescer)
 
 
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:

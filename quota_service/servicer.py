@@ -15,6 +15,7 @@ from quota.v1 import quota_service_pb2_grpc as pb_grpc
 from billing_core.errors import QuotaError
 from billing_core.quota_engine import QuotaEngine
 from quota_service import convert
+from quota_service.coalescer import Coalescer
 from quota_service.errors import status_for
 
 log = structlog.get_logger(__name__)
@@ -39,8 +40,11 @@ class Metrics:
 
 
 class QuotaServicer(pb_grpc.QuotaServiceServicer):
-    def __init__(self, engine: QuotaEngine, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: QuotaEngine, metrics: Metrics, coalescer: Coalescer | None = None
+    ) -> None:
         self._engine = engine
+        self._consume = coalescer.consume if coalescer is not None else engine.consume
         self._metrics = metrics
 
     async def _call(
@@ -69,7 +73,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[pb.CheckAndConsumeRequest, pb.CheckAndConsumeResponse],
     ) -> pb.CheckAndConsumeResponse:
         async def work() -> pb.CheckAndConsumeResponse:
-            decision = await self._engine.consume(convert.consume_request(request))
+            decision = await self._consume(convert.consume_request(request))
             self._metrics.decisions.labels(
                 "CheckAndConsume", decision.reason.value, request.resource
             ).inc()

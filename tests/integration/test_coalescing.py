@@ -1,0 +1,152 @@
+"""Batched decisions (one transaction for many requests) equal one-by-one decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg_pool import AsyncConnectionPool
+from quota_client import AsyncQuotaClient
+
+from billing_core.catalog import quota
+from billing_core.clock import FrozenClock
+from billing_core.errors import QuotaError
+from billing_core.pricing import TokenUsage
+from billing_core.quota_engine import QuotaEngine, QuotaRules
+from billing_core.usage import ConsumeRequest, Decision
+from quota_service.server import QuotaServer
+from tests import factories as f
+from tests.integration.test_properties import START
+
+Pool = AsyncConnectionPool[Any]
+MODEL = "coalesce-model"
+
+
+def outcome(result: Decision | QuotaError) -> Any:
+    """What a caller sees, without the ids that differ between two tenants."""
+    if isinstance(result, QuotaError):
+        return (type(result).__name__, result.message)
+    data = result.to_json()
+    data.pop("usage_record_id", None)
+    return repr(sorted(data.items()))
+
+
+async def books(pool: Pool, tenant: str) -> Any:
+    counters = await f.fetch(
+        pool,
+        "SELECT resource, period, window_start, used, reserved FROM usage_counters"
+        " WHERE tenant_id = %s ORDER BY 1, 2, 3",
+        tenant,
+    )
+    records = await f.fetch(
+        pool,
+        "SELECT resource, amount, cost_micros, wallet_charged_micros, over_limit, request_id"
+        " FROM usage_records WHERE tenant_id = %s ORDER BY request_id",
+        tenant,
+    )
+    wallet = await f.fetch(
+        pool, "SELECT balance_micros, held_micros FROM wallets WHERE tenant_id = %s", tenant
+    )
+    notes = await f.fetch(
+        pool, "SELECT kind, message FROM notifications WHERE tenant_id = %s ORDER BY 2", tenant
+    )
+    return counters, records, wallet, notes
+
+
+requests = st.lists(
+    st.tuples(
+        st.sampled_from(["tokens", "messages", "gold"]),  # "gold" is not a resource
+        st.integers(0, 40),  # 0 is invalid
+        st.integers(0, 12),  # request id: small range → retries of earlier ids
+        st.booleans(),  # dry run
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(workload=requests, cuts=st.lists(st.integers(1, 20), min_size=1, max_size=10))
+async def test_batches_decide_exactly_like_one_by_one(
+    pool: Pool, workload: list[tuple[str, int, int, bool]], cuts: list[int]
+) -> None:
+    clock = FrozenClock(START)
+    engine = QuotaEngine(pool, clock, QuotaRules())
+    tag = secrets.token_hex(4)  # not `random`: hypothesis seeds it per example
+    await f.price(pool, "p", MODEL, 1_000_000, 0, START)
+    plan = await f.plan(
+        pool,
+        START,
+        f"co-{tag}",
+        [
+            quota("tokens", "daily", 60, overage="wallet", warn_at=(50,)),
+            quota("tokens", "monthly", 150),
+            quota("messages", "daily", 70),
+        ],
+    )
+    one, many = f"one-{tag}", f"many-{tag}"
+    for t in (one, many):
+        await f.tenant(pool, START, t, plan, credits_micros=200)
+
+    def make(tenant: str, item: tuple[str, int, int, bool]) -> ConsumeRequest:
+        resource, amount, rid, dry = item
+        tokens = TokenUsage("p", MODEL, amount * 2, 0) if resource == "tokens" else None
+        return ConsumeRequest(tenant, resource, amount, f"r{rid}", dry_run=dry, tokens=tokens)
+
+    sequential: list[Decision | QuotaError] = []
+    for item in workload:
+        try:
+            sequential.append(await engine.consume(make(one, item)))
+        except QuotaError as exc:
+            sequential.append(exc)
+    batched: list[Decision | QuotaError] = []
+    rest = [make(many, item) for item in workload]
+    for cut in cuts * 10:
+        if not rest:
+            break
+        batched += await engine.consume_batch(rest[:cut])
+        rest = rest[cut:]
+    if rest:
+        batched += await engine.consume_batch(rest)
+    assert [outcome(r) for r in batched] == [outcome(r) for r in sequential]
+    assert await books(pool, many) == await books(pool, one)
+
+
+async def test_the_coalescing_sidecar_is_exact_under_64_callers(
+    sidecar: QuotaServer, pool: Pool, uid: str
+) -> None:
+    assert sidecar.coalescer is not None
+    now = START
+    plan = await f.plan(pool, now, uid, [quota("tool_calls", "daily", 1000)])
+    t = await f.tenant(pool, now, f"t-{uid}", plan)
+    before = sidecar.coalescer.batches
+    async with AsyncQuotaClient(f"127.0.0.1:{sidecar.port}") as client:
+
+        async def caller(c: int) -> list[bool]:
+            out = []
+            for i in range(20):
+                d = await client.check_and_consume(t, "tool_calls", 1, request_id=f"{c}-{i}")
+                again = await client.check_and_consume(t, "tool_calls", 1, request_id=f"{c}-{i}")
+                assert again.allowed == d.allowed and (not d.allowed or again.replayed)
+                out.append(d.allowed)
+            return out
+
+        results = await asyncio.gather(*(caller(c) for c in range(64)))
+    assert sum(sum(r) for r in results) == 1000
+    [(used, records)] = await f.fetch(
+        pool,
+        "SELECT (SELECT sum(used) FROM usage_counters WHERE tenant_id = %s),"
+        " (SELECT sum(amount) FROM usage_records WHERE tenant_id = %s)",
+        t,
+        t,
+    )
+    assert used == records == 1000
+    # requests really shared transactions
+    assert sidecar.coalescer.batches - before < 64 * 20 * 2
