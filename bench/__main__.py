@@ -1,0 +1,444 @@
+"""`make bench`: the sidecar measured side by side with an echo server and the textbook
+implementation, in one run, on this machine; results as ratios.
+
+    python -m bench                 # the full run (a few minutes, 5M historic records)
+    python -m bench --smoke         # seconds; what the test suite runs so this cannot rot
+
+Writes bench/results/latest.{json,md,png} and prints the table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from billing_core import catalog
+from billing_core.catalog import PlanSpec, quota
+from billing_core.db.embedded import drop_database, ensure_database, start_embedded
+from billing_core.db.migrate import upgrade
+from billing_core.db.pool import open_pool
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TENANTS = 10_000
+HOT = "bench-hot"
+
+
+@dataclass
+class Config:
+    seconds: float
+    warmup: float
+    history_rows: int
+    tenants: int
+    in_flight: tuple[int, ...] = (1, 8, 64)
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[str]
+    target: str
+    cpu_start: float = 0.0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@dataclass
+class Result:
+    server: str
+    scenario: str
+    in_flight: int
+    calls_per_s: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    cpu_ms_per_call: float
+    peak_rss_mb: float
+    errors: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_serving(target: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise RuntimeError(f"{target} did not become SERVING")
+
+
+def start_sidecar(database_url: str, coalesce: bool) -> Server:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "QUOTA_GRPC_PORT": str(port),
+        "QUOTA_METRICS_PORT": "-1",
+        "QUOTA_COALESCE": "on" if coalesce else "off",
+        "LOG_LEVEL": "warning",
+        "LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "quota_service"], env=env, cwd=ROOT, text=True)
+    target = f"127.0.0.1:{port}"
+    _wait_serving(target)
+    return Server("sidecar" if coalesce else "sidecar (no coalescing)", proc, target)
+
+
+def start_reference(kind: str, database_url: str) -> Server:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.servers", kind, "--database-url", database_url],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    return Server(kind, proc, f"127.0.0.1:{port}")
+
+
+def drive(server: Server, scenario: str, in_flight: int, cfg: Config) -> Result:
+    tenants = {"hot": "hot", "10k-uniform": "uniform", "zipf": "zipf", "history": "hot"}
+    resource = "tokens" if tenants[scenario] == "hot" else "messages"
+    cpu0 = server.cpu_seconds()
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.load", "--target", server.target,
+         "--in-flight", str(in_flight), "--seconds", str(cfg.seconds),
+         "--warmup", str(cfg.warmup), "--tenants", tenants[scenario],
+         "--tenant-count", str(cfg.tenants), "--resource", resource],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    cpu = server.cpu_seconds() - cpu0
+    data = json.loads(out.stdout)
+    total_calls = max(1, data["calls"]) * (cfg.seconds + cfg.warmup) / cfg.seconds
+    return Result(
+        server.name,
+        scenario,
+        in_flight,
+        data["calls_per_s"],
+        data["p50_ms"],
+        data["p99_ms"],
+        data["p999_ms"],
+        cpu * 1000 / total_calls,
+        server.peak_rss_mb(),
+        data["errors"],
+    )
+
+
+async def seed(database_url: str, cfg: Config) -> None:
+    """Plans, prices and tenants for every scenario (once)."""
+    now = datetime.now(UTC)
+    pool = await open_pool(database_url, 2)
+    try:
+        async with pool.connection() as conn:
+            await catalog.set_model_price(conn, "bench", "bench-model", 1_000_000, 0, now)
+            hot = await catalog.create_plan(
+                conn,
+                PlanSpec(
+                    name="bench-hot",
+                    price_cents=1000,
+                    quotas=(
+                        # the daily window runs out at once: from then on the wallet pays
+                        quota("tokens", "daily", 1000, overage="wallet"),
+                        quota("tokens", "monthly", 10**12),
+                    ),
+                ),
+                now,
+            )
+            wide = await catalog.create_plan(
+                conn,
+                PlanSpec(name="bench-wide", price_cents=500,
+                         quotas=(quota("messages", "daily", 10**12),
+                                 quota("messages", "monthly", 10**12))),
+                now,
+            )  # fmt: skip
+            await catalog.create_tenant(conn, HOT, "hot", now)
+            await catalog.assign_plan(conn, HOT, hot, now)
+            await catalog.grant_credits(conn, HOT, 10**15, now, reason="bench")
+            await conn.execute(
+                "INSERT INTO tenants (tenant_id, name, timezone, created_at)"
+                " SELECT 'bench-' || lpad(i::text, 5, '0'), 'bench', 'UTC', %s"
+                " FROM generate_series(0, %s - 1) i",
+                (now, cfg.tenants),
+            )
+            await conn.execute(
+                "INSERT INTO subscriptions (tenant_id, subscription_id, plan_id, status,"
+                " is_current, billing_cycle_anchor, created_at, updated_at)"
+                " SELECT 'bench-' || lpad(i::text, 5, '0'), 'sub-bench-' || i, %s, 'active',"
+                " true, %s, %s, %s FROM generate_series(0, %s - 1) i",
+                (wide, now, now, now, cfg.tenants),
+            )
+    finally:
+        await pool.close()
+
+
+async def add_history(database_url: str, rows: int) -> float:
+    """`rows` historic usage records (a year back, across the tenants); returns seconds."""
+    started = time.monotonic()
+    pool = await open_pool(database_url, 1)
+    try:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,"
+                " request_id, cost_micros, occurred_at)"
+                " SELECT CASE WHEN i %% 10 = 0 THEN %s"
+                "        ELSE 'bench-' || lpad((i %% 10000)::text, 5, '0') END,"
+                " 'ur_hist_' || i, 'tokens', 1 + i %% 100, 'consume', 'h' || i, i %% 1000,"
+                " now() - interval '400 days' + i * interval '5 seconds'"
+                " FROM generate_series(1, %s) i",
+                (HOT, rows),
+            )
+            await conn.execute("ANALYZE usage_records")
+    finally:
+        await pool.close()
+    return time.monotonic() - started
+
+
+async def check_books(database_url: str, since: datetime) -> dict[str, int]:
+    """Zero overshoot, zero lost, zero double-counted: counters against the records."""
+    pool = await open_pool(database_url, 1)
+    try:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT count(*) FILTER (WHERE c.used <> coalesce(r.total, 0)),
+                       count(*) FILTER (WHERE c.period = 'daily' AND c.resource = 'messages'
+                                        AND c.used > 1000000000000)
+                FROM usage_counters c
+                LEFT JOIN LATERAL (
+                    SELECT sum(amount) AS total FROM usage_records r
+                    WHERE r.tenant_id = c.tenant_id AND r.resource = c.resource
+                      AND r.occurred_at >= c.window_start AND r.occurred_at >= %s
+                      AND r.usage_record_id NOT LIKE 'ur_hist_%%'
+                      AND r.occurred_at < c.window_start + CASE c.period
+                          WHEN 'daily' THEN interval '1 day' ELSE interval '1 month' END
+                ) r ON true
+                WHERE c.tenant_id LIKE 'bench-%%'
+                """,
+                (since,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            cur = await conn.execute(
+                "SELECT balance_micros - (SELECT sum(delta_micros) FROM wallet_ledger"
+                " WHERE tenant_id = %s) FROM wallets WHERE tenant_id = %s",
+                (HOT, HOT),
+            )
+            wallet = await cur.fetchone()
+    finally:
+        await pool.close()
+    return {
+        "windows_not_matching_records": int(row[0]),
+        "windows_over_limit": int(row[1]),
+        "wallet_off_ledger_micros": int(wallet[0]) if wallet and wallet[0] is not None else 0,
+    }
+
+
+def ratios(results: list[Result]) -> list[dict[str, Any]]:
+    def get(server: str, scenario: str, n: int) -> Result | None:
+        return next(
+            (r for r in results
+             if r.server == server and r.scenario == scenario and r.in_flight == n), None
+        )  # fmt: skip
+
+    rows = []
+
+    def add(name: str, value: float | None, target: str, ok: bool | None) -> None:
+        rows.append({"measure": name, "value": value, "target": target, "met": ok})
+
+    for scen in ("hot", "10k-uniform"):
+        s, e = get("sidecar", scen, 64), get("echo", scen, 64)
+        v = s.calls_per_s / e.calls_per_s if s and e else None
+        add(f"calls/s ÷ echo, 64 in flight, {scen}", v, "≥ 0.8", v is not None and v >= 0.8)
+    s, t = get("sidecar", "hot", 64), get("textbook", "hot", 64)
+    v = s.calls_per_s / t.calls_per_s if s and t else None
+    add("calls/s ÷ textbook, hot, 64 in flight", v, "≥ 3", v is not None and v >= 3)
+    s, e = get("sidecar", "hot", 1), get("echo", "hot", 1)
+    v = s.p50_ms / e.p50_ms if s and e else None
+    add("p50 ÷ echo p50, 1 in flight", v, "≤ 2.5", v is not None and v <= 2.5)
+    h, u = get("sidecar", "hot", 64), get("sidecar", "10k-uniform", 64)
+    v = h.p99_ms / u.p99_ms if h and u else None
+    add("hot p99 ÷ 10k p99, 64 in flight", v, "≤ 1.5", v is not None and v <= 1.5)
+    h2, h0 = get("sidecar", "history", 64), get("sidecar", "hot", 64)
+    v = h2.calls_per_s / h0.calls_per_s if h2 and h0 else None
+    add("calls/s with history ÷ without", v, "≥ 0.9", v is not None and v >= 0.9)
+    return rows
+
+
+def markdown(results: list[Result], rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Measured {meta['at']} on {meta['cpus']} CPUs, PostgreSQL: {meta['database']}; "
+        f"{meta['seconds']} s per point; {meta['history_rows']:,} historic records.",
+        "",
+        "| measure | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        value = "—" if row["value"] is None else f"{row['value']:.2f}"
+        met = "—" if row["value"] is None else ("yes" if row["met"] else "**no**")
+        lines.append(f"| {row['measure']} | {value} | {row['target']} | {met} |")
+    lines += [
+        "",
+        "| server | scenario | in flight | calls/s | p50 ms | p99 ms | p99.9 ms "
+        "| server CPU ms/call | peak RSS MB | denied/errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.server} | {r.scenario} | {r.in_flight} | {r.calls_per_s:,.0f} | "
+            f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.p999_ms:.2f} | {r.cpu_ms_per_call:.3f} | "
+            f"{r.peak_rss_mb:.0f} | {r.errors} |"
+        )
+    lines += ["", f"Correctness: {json.dumps(meta['correctness'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    at64 = [r for r in results if r.in_flight == 64]
+    labels = [f"{r.server}\n{r.scenario}" for r in at64]
+    fig, ax = plt.subplots(figsize=(max(6, len(at64) * 1.2), 4))
+    ax.bar(range(len(at64)), [r.calls_per_s for r in at64], color="#4c72b0")
+    ax.set_xticks(range(len(at64)), labels, fontsize=7)
+    ax.set_ylabel("calls/s (64 in flight)")
+    ax.set_title("CheckAndConsume throughput, same run, same machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bp-bench-"))
+    embedded = None
+    if database_url:
+        server_url, where = database_url, "DATABASE_URL server"
+    else:
+        embedded, server_url = start_embedded(tmp / "pg", throwaway=True)
+        where = "embedded PostgreSQL 18"
+    name = f"bp_bench_{os.getpid()}"
+    url = ensure_database(server_url, name)
+    servers: list[Server] = []
+    results: list[Result] = []
+    started = datetime.now(UTC)
+    try:
+        upgrade(url)
+        asyncio.run(seed(url, cfg))
+        plan = [
+            ("echo", ["hot", "10k-uniform"]),
+            ("textbook", ["hot"]),
+            ("sidecar", ["hot", "10k-uniform", "zipf"]),
+            ("sidecar (no coalescing)", ["hot"]),
+        ]
+        for server_name, scenarios in plan:
+            if server_name.startswith("sidecar"):
+                server = start_sidecar(url, coalesce=server_name == "sidecar")
+            else:
+                server = start_reference(server_name, url)
+            servers.append(server)
+            for scenario in scenarios:
+                for n in cfg.in_flight:
+                    if server_name != "sidecar" and n == 8:
+                        continue  # the references at 1 and 64 are what the ratios use
+                    results.append(drive(server, scenario, n, cfg))
+                    print(f"  {server_name:24} {scenario:12} {n:3} in flight: "
+                          f"{results[-1].calls_per_s:8,.0f} calls/s", flush=True)  # fmt: skip
+            server.stop()
+        history_s = asyncio.run(add_history(url, cfg.history_rows))
+        server = start_sidecar(url, coalesce=True)
+        servers.append(server)
+        results.append(drive(server, "history", 64, cfg))
+        results[-1].extra["history_insert_s"] = round(history_s, 1)
+        server.stop()
+        correctness = asyncio.run(check_books(url, started))
+    finally:
+        for server in servers:
+            if server.process.poll() is None:
+                server.stop()
+        drop_database(server_url, name)
+        if embedded is not None:
+            embedded.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    meta = {
+        "at": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "database": where,
+        "seconds": cfg.seconds,
+        "history_rows": cfg.history_rows,
+        "correctness": correctness,
+    }
+    rows = ratios(results)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"meta": meta, "targets": rows, "results": [r.__dict__ for r in results]}
+    (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(results, rows, meta)
+    (out / "latest.md").write_text(table)
+    chart(results, out / "latest.png")
+    print()
+    print(table)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny run: the harness works")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        cfg = Config(seconds=0.3, warmup=0.1, history_rows=2_000, tenants=200, in_flight=(1, 8))
+    else:
+        cfg = Config(seconds=5.0, warmup=1.0, history_rows=5_000_000, tenants=TENANTS)
+    report = run(cfg, args.out, os.environ.get("DATABASE_URL", "").strip() or None)
+    bad = {k: v for k, v in report["meta"]["correctness"].items() if v}
+    if bad:
+        print(f"correctness check failed: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""`make bench` in miniature, so the harness cannot rot (no timing is asserted)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench",
+        "--smoke",
+        "--out",
+        str(tmp_path),
+        env={**os.environ, "DATABASE_URL": server_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()[-4000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    servers = {r["server"] for r in report["results"]}
+    assert servers == {"echo", "textbook", "sidecar", "sidecar (no coalescing)"}
+    assert {r["scenario"] for r in report["results"]} >= {"hot", "10k-uniform", "zipf", "history"}
+    assert all(r["calls_per_s"] > 0 and r["errors"] == 0 for r in report["results"])
+    assert report["meta"]["correctness"] == {
+        "windows_not_matching_records": 0,
+        "windows_over_limit": 0,
+        "wallet_off_ledger_micros": 0,
+    }
+    assert "| measure | value | target | met |" in (tmp_path / "latest.md").read_text()
+    assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
