@@ -110,7 +110,10 @@ class QuotaEngine:
         """Run a use case on a pooled connection; retry on deadlock/serialization."""
         for attempt in range(5):
             try:
-                async with self._pool.connection(timeout=self._rules.acquire_timeout_s) as conn:
+                async with (
+                    self._pool.connection(timeout=self._rules.acquire_timeout_s) as conn,
+                    conn.pipeline(),  # writes that nothing waits for share round trips
+                ):
                     return await work(conn)
             except _RETRYABLE:
                 if attempt == 4:
