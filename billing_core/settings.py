@@ -58,6 +58,7 @@ class Settings:
     stripe_emulator_port: int = 12111
     stripe_emulator_key: str = "sk_test_emulator"
     stripe_webhook_url: str = "http://127.0.0.1:8000/webhooks/stripe"
+    stripe_emulator_state: str = ""
     # logging
     log_level: str = "info"
     log_format: str = "auto"
@@ -92,6 +93,7 @@ class Settings:
             stripe_emulator_host=_str(env, "STRIPE_EMULATOR_HOST", "127.0.0.1"),
             stripe_emulator_port=_int(env, "STRIPE_EMULATOR_PORT", 12111),
             stripe_emulator_key=_str(env, "STRIPE_EMULATOR_KEY", "sk_test_emulator"),
+            stripe_emulator_state=_str(env, "STRIPE_EMULATOR_STATE"),
             stripe_webhook_url=_str(
                 env, "STRIPE_WEBHOOK_URL", "http://127.0.0.1:8000/webhooks/stripe"
             ),

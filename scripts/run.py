@@ -94,6 +94,9 @@ def main() -> int:
         "DATABASE_URL": database_url,
         "STRIPE_WEBHOOK_SECRET": webhook_secret,
         "STRIPE_WEBHOOK_URL": settings.stripe_webhook_url,
+        # the emulator's objects survive restarts like the database does
+        "STRIPE_EMULATOR_STATE": settings.stripe_emulator_state
+        or str(DATA / "stripe_emulator.json"),
     }
     commands = [["quota_service"], ["control_plane", "serve"]]
     if not settings.stripe_secret_key:

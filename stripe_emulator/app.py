@@ -314,11 +314,15 @@ def create_app(settings: Settings, *, base_url: str | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.stripe_emulator_state:
+            emulator.load(settings.stripe_emulator_state)
         await sender.start()
         try:
             yield
         finally:
             await sender.stop()
+            if settings.stripe_emulator_state:
+                emulator.dump(settings.stripe_emulator_state)
 
     def r(path_: str, handler: Api, method: str) -> Route:
         return Route(path_, api(handler), methods=[method])

@@ -3,13 +3,16 @@ subscriptions with proration, invoices, test clocks, and the events they emit.""
 
 from __future__ import annotations
 
+import calendar
 import copy
 import json
+import os
 import secrets
 import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -66,9 +69,6 @@ def _id(prefix: str) -> str:
 
 def _months_later(ts: int, months: int) -> int:
     """The same day-of-month `months` later (clamped to the month's end), like Stripe."""
-    import calendar
-    from datetime import UTC, datetime
-
     at = datetime.fromtimestamp(ts, UTC)
     month0 = at.month - 1 + months
     year, month = at.year + month0 // 12, month0 % 12 + 1
@@ -88,6 +88,26 @@ class Emulator:
     on_event: Callable[[Obj], None] = lambda event: None
     cards: dict[str, str] = field(default_factory=dict)  # customer id → card outcome
     templates: dict[str, Obj] = field(default_factory=_load_templates)
+
+    # --- persistence (make run keeps Stripe's state beside the database's) -----------------
+
+    def dump(self, path: str) -> None:
+        state = {"objects": self.objects, "events_ids": [e["id"] for e in self.events],
+                 "cards": self.cards}  # fmt: skip
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as handle:
+            json.dump(state, handle)
+        os.replace(tmp, path)
+
+    def load(self, path: str) -> None:
+        try:
+            with open(path) as handle:
+                state = json.load(handle)
+        except FileNotFoundError:
+            return
+        self.objects = state["objects"]
+        self.events = [self.objects[i] for i in state["events_ids"] if i in self.objects]
+        self.cards = state["cards"]
 
     # --- plumbing --------------------------------------------------------------------------
 
