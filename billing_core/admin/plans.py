@@ -57,8 +57,9 @@ async def _grants(conn: Conn, plan_id: str) -> tuple[GrantSpec, ...]:
 
 
 async def _view(conn: Conn, row: tuple[Any, ...]) -> PlanView:
-    (plan_id, name, description, price, currency, interval, stripe_price, active, trial,
-     trial_days, priority, enterprise, unlimited, version, created, updated, subs) = row  # fmt: skip  # noqa: E501
+    plan_id, name, description, price, currency, interval, stripe_price, active = row[:8]
+    trial, trial_days, priority, enterprise, unlimited, version, created, updated = row[8:16]
+    subs = row[16]
     spec = PlanSpec(
         name=name,
         description=description,
