@@ -79,7 +79,11 @@ class BillingAdapter(Protocol):
         """Release connections (at shutdown)."""
         ...
 
-    async def create_customer(self, tenant_id: str, email: str, name: str) -> str: ...
+    async def ensure_customer(
+        self, tenant_id: str, email: str, name: str, existing: str | None
+    ) -> str:
+        """`existing` when the provider still has it, else a new customer's id."""
+        ...
 
     async def ensure_price(
         self,
@@ -89,7 +93,9 @@ class BillingAdapter(Protocol):
         currency: str,
         interval: str,
         existing: PriceRef | None,
-    ) -> PriceRef: ...
+    ) -> PriceRef:
+        """`existing` when the provider still sells it, else a new product and price."""
+        ...
 
     async def create_checkout_session(
         self,

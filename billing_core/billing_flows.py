@@ -76,7 +76,7 @@ async def _price_for(conn: Conn, adapter: BillingAdapter, plan: PlanView) -> str
     ref = await adapter.ensure_price(
         plan.plan_id, spec.name, spec.price_cents, spec.currency, spec.interval, existing
     )
-    if existing is None:
+    if ref != existing:
         await conn.execute(
             "UPDATE plans SET stripe_product_id = %s, stripe_price_id = %s WHERE plan_id = %s",
             (ref.product_id, ref.price_id, plan.plan_id),
@@ -92,12 +92,12 @@ async def _customer_for(conn: Conn, adapter: BillingAdapter, tenant_id: str) -> 
     )
     row = await cur.fetchone()
     assert row is not None
-    if row[0]:
-        return str(row[0])
-    customer_id = await adapter.create_customer(tenant_id, row[1], row[2])
-    await conn.execute(
-        "UPDATE tenants SET stripe_customer_id = %s WHERE tenant_id = %s", (customer_id, tenant_id)
-    )
+    customer_id = await adapter.ensure_customer(tenant_id, row[1], row[2], row[0])
+    if customer_id != row[0]:
+        await conn.execute(
+            "UPDATE tenants SET stripe_customer_id = %s WHERE tenant_id = %s",
+            (customer_id, tenant_id),
+        )
     return customer_id
 
 

@@ -154,14 +154,30 @@ class StripeBillingAdapter:
                 f"{what}: the payment provider failed ({type(exc).__name__})"
             ) from None
 
-    async def create_customer(self, tenant_id: str, email: str, name: str) -> str:
+    async def _still_there(self, what: str, coro: Any) -> bool:
+        try:
+            found = await self._call(what, coro)
+        except NotFound:
+            return False
+        data = _dict(found)
+        return not data.get("deleted") and data.get("active", True) is not False
+
+    async def ensure_customer(
+        self, tenant_id: str, email: str, name: str, existing: str | None
+    ) -> str:
+        if existing and await self._still_there(
+            "fetch customer", self._client.v1.customers.retrieve_async(existing)
+        ):
+            return existing
         params: CustomerCreateParams = {"name": name, "metadata": {"tenant_id": tenant_id}}
         if email:
             params["email"] = email
         customer = await self._call(
             "create customer",
             self._client.v1.customers.create_async(
-                params=params, options={"idempotency_key": f"customer-{tenant_id}"}
+                params=params,
+                # a replacement (the old one was deleted at Stripe) needs a key of its own
+                options={"idempotency_key": f"customer-{tenant_id}-{existing or 'first'}"},
             ),
         )
         return str(customer.id)
@@ -175,9 +191,11 @@ class StripeBillingAdapter:
         interval: str,
         existing: PriceRef | None,
     ) -> PriceRef:
-        if existing is not None:
+        if existing is not None and await self._still_there(
+            "fetch price", self._client.v1.prices.retrieve_async(existing.price_id)
+        ):
             return existing
-        key = f"plan-{plan_id}-{price_cents}-{currency}-{interval}"
+        key = f"plan-{plan_id}-{price_cents}-{currency}-{interval}-{existing or 'first'}"
         product = await self._call(
             "create product",
             self._client.v1.products.create_async(

@@ -88,6 +88,12 @@ def main() -> int:
         where = f"embedded PostgreSQL 18, data in {DATA / 'pg'}"
     upgrade(database_url)
     key = asyncio.run(_prepare(database_url))
+    if settings.stripe_secret_key and not settings.stripe_webhook_secret:
+        print(
+            "warning: STRIPE_SECRET_KEY is set but STRIPE_WEBHOOK_SECRET is not: real Stripe's "
+            "webhooks will be rejected until you set the endpoint's signing secret",
+            file=sys.stderr,
+        )
     webhook_secret = settings.stripe_webhook_secret or _kept_secret("stripe_webhook_secret")
     env = {
         **os.environ,

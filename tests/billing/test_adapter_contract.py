@@ -66,8 +66,11 @@ async def adapter(
 
 async def test_customer_price_checkout_and_portal(adapter: StripeBillingAdapter) -> None:
     tag = secrets.token_hex(4)
-    customer = await adapter.create_customer(f"contract-{tag}", "owner@example.com", "Owner")
+    customer = await adapter.ensure_customer(f"contract-{tag}", "owner@example.com", "Owner", None)
     assert customer.startswith("cus_")
+    assert await adapter.ensure_customer(f"contract-{tag}", "", "", customer) == customer
+    replaced = await adapter.ensure_customer(f"contract-{tag}", "", "Owner", "cus_deleted")
+    assert replaced.startswith("cus_") and replaced != customer
     price = await adapter.ensure_price(f"plan-{tag}", "Contract", 1234, "usd", "month", None)
     assert price.price_id.startswith("price_") and price.product_id.startswith("prod_")
     assert (
@@ -104,7 +107,7 @@ async def test_subscription_fetch_change_and_cancel_on_the_emulator(stack: Stack
 
 async def _subscription_round_trip(stack: Stack, adapter: StripeBillingAdapter) -> None:
     tag = secrets.token_hex(4)
-    customer = await adapter.create_customer(f"c-{tag}", "", "C")
+    customer = await adapter.ensure_customer(f"c-{tag}", "", "C", None)
     small = await adapter.ensure_price(f"s-{tag}", "Small", 1000, "usd", "month", None)
     large = await adapter.ensure_price(f"l-{tag}", "Large", 3000, "usd", "month", None)
     link = await adapter.create_checkout_session(

@@ -201,3 +201,27 @@ async def test_a_price_change_keeps_old_subscribers_and_sells_the_new_price(
             sub = (await api.get(f"/v1/tenants/{t}/subscription")).json()
             assert sub["plan_id"] == plan and sub["status"] == "active"
         assert old_price
+
+
+async def test_checkout_recovers_when_stripe_lost_the_customer_and_the_price(
+    stack: Stack, uid: str
+) -> None:
+    t = f"lost-{uid}"
+    async with stack.api() as api:
+        plan = await make(
+            api, t, name=f"lost-{uid}", price_cents=1100, stripe_price_id=f"price_gone_{uid}"
+        )
+        await stack.fetch(
+            "UPDATE tenants SET stripe_customer_id = %s WHERE tenant_id = %s RETURNING 1",
+            f"cus_gone_{uid}",
+            t,
+        )
+        r = await api.post(f"/v1/tenants/{t}/checkout-sessions", json={"plan_id": plan})
+        assert r.status_code == 201, r.text
+        assert (await pay(r.json()["url"])).status_code == 303
+        await stack.settle()
+        sub = (await api.get(f"/v1/tenants/{t}/subscription")).json()
+        assert sub["status"] == "active" and sub["plan_id"] == plan
+        assert sub["stripe_customer_id"] != f"cus_gone_{uid}"
+        [(price,)] = await stack.fetch("SELECT stripe_price_id FROM plans WHERE plan_id = %s", plan)
+        assert price != f"price_gone_{uid}"
