@@ -239,8 +239,10 @@ class QuotaEngine:
             counts = await store.read_counters(conn, req.tenant_id, keys)
             verdict = Verdict(reason is Reason.ALLOWED, reason)
             return _Evaluation(ctx, quotas, windows, counts, [], cost, verdict, None)
-        expired = await store.expired_reservations(
-            conn, req.tenant_id, req.resource, now, lock=lock
+        expired = (
+            await store.expired_reservations(conn, req.tenant_id, req.resource, now, lock=lock)
+            if ctx.has_expired_reservations
+            else []
         )
         all_keys = keys + [k for r in expired for k in r.windows]
         if lock:

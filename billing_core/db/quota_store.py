@@ -38,49 +38,55 @@ class TenantContext:
     enterprise: bool
     wallet_live_micros: int
     quotas: Mapping[str, tuple[Quota, ...]]
+    # whether any reservation is past its expiry but still counted (then it is released)
+    has_expired_reservations: bool = True
 
 
+# One round trip: the tenant, its current subscription and plan, the live wallet, the
+# quotas (overrides first: they win over the plan's quota of the same resource and period)
+# and whether expired reservations wait to be released.
 _CONTEXT_SQL = """
 SELECT t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_since,
        s.billing_cycle_anchor, coalesce(p.unlimited, false), coalesce(p.enterprise, false),
        (SELECT coalesce(sum(g.remaining_micros), 0)::bigint FROM wallet_grants g
          WHERE g.tenant_id = t.tenant_id AND NOT g.expired
-           AND (g.expires_at IS NULL OR g.expires_at > %(now)s))
+           AND (g.expires_at IS NULL OR g.expires_at > %(now)s)),
+       (SELECT coalesce(json_agg(json_build_array(q.resource, q.period, q."limit", q.warn_at,
+                                                  q.overage) ORDER BY q.o DESC), '[]'::json)
+          FROM (SELECT resource, period, "limit", warn_at, overage, true AS o
+                  FROM quota_overrides o
+                 WHERE o.tenant_id = t.tenant_id AND coalesce(p.enterprise, false)
+                   AND (%(resource)s::text IS NULL OR resource = %(resource)s)
+                UNION ALL
+                SELECT resource, period, "limit", warn_at, overage, false
+                  FROM plan_quotas pq
+                 WHERE pq.plan_id = s.plan_id
+                   AND (%(resource)s::text IS NULL OR resource = %(resource)s)) q),
+       EXISTS (SELECT 1 FROM reservations r
+                WHERE r.tenant_id = t.tenant_id AND r.status = 'active'
+                  AND r.expires_at <= %(now)s)
 FROM tenants t
 LEFT JOIN subscriptions s ON s.tenant_id = t.tenant_id AND s.is_current
 LEFT JOIN plans p ON p.plan_id = s.plan_id
 WHERE t.tenant_id = %(tenant)s
 """
 
-_QUOTAS_SQL = """
-SELECT resource, period, "limit", warn_at, overage, true FROM quota_overrides
- WHERE tenant_id = %(tenant)s AND %(enterprise)s
-   AND (%(resource)s::text IS NULL OR resource = %(resource)s)
-UNION ALL
-SELECT resource, period, "limit", warn_at, overage, false FROM plan_quotas
- WHERE plan_id = %(plan)s AND (%(resource)s::text IS NULL OR resource = %(resource)s)
-"""
-
 
 async def load_context(
     conn: Conn, tenant_id: str, resource: str | None, now: datetime
 ) -> TenantContext:
-    cur = await conn.execute(_CONTEXT_SQL, {"tenant": tenant_id, "now": now})
+    cur = await conn.execute(_CONTEXT_SQL, {"tenant": tenant_id, "now": now, "resource": resource})
     row = await cur.fetchone()
     if row is None:
         raise NotFound(f"unknown tenant {tenant_id!r}")
-    tz, created_at, plan_id, status, trial_end, past_due_since, anchor, unlimited, ent, live = row
+    tz, created_at, plan_id, status, trial_end, past_due_since, anchor, unlimited, ent = row[:9]
+    live, quota_rows, has_expired = row[9:]
     quotas: dict[str, dict[Period, Quota]] = {}
-    if plan_id is not None:
-        cur = await conn.execute(
-            _QUOTAS_SQL,
-            {"tenant": tenant_id, "enterprise": ent, "resource": resource, "plan": plan_id},
+    # overrides come first and win over the plan's quota of the same (resource, period)
+    for res, period, limit, warn_at, overage in quota_rows:
+        quotas.setdefault(res, {}).setdefault(
+            Period(period), Quota(res, Period(period), limit, tuple(warn_at), Overage(overage))
         )
-        # overrides come first and win over the plan's quota of the same (resource, period)
-        for res, period, limit, warn_at, overage, _ in await cur.fetchall():
-            quotas.setdefault(res, {}).setdefault(
-                Period(period), Quota(res, Period(period), limit, tuple(warn_at), Overage(overage))
-            )
     tenant_zone(tz)  # fail loudly on a bad stored timezone
     return TenantContext(
         tenant_id=tenant_id,
@@ -92,6 +98,7 @@ async def load_context(
         unlimited=unlimited,
         enterprise=ent,
         wallet_live_micros=live,
+        has_expired_reservations=has_expired,
         quotas={
             res: tuple(sorted(by_period.values(), key=lambda q: PERIOD_ORDER[q.period]))
             for res, by_period in quotas.items()
