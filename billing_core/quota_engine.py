@@ -259,7 +259,9 @@ class QuotaEngine:
         needs_wallet = verdict.charge_micros > 0 or any(r.held_micros for r in expired)
         if verdict.allowed and needs_wallet:
             if lock:
-                wallet = await store.lock_wallet(conn, req.tenant_id, now)
+                wallet = await store.lock_wallet(
+                    conn, req.tenant_id, now, expire_due=ctx.has_due_grants
+                )
                 balance, held = wallet
             else:
                 balance, held = ctx.wallet_live_micros, 0

@@ -40,6 +40,8 @@ class TenantContext:
     quotas: Mapping[str, tuple[Quota, ...]]
     # whether any reservation is past its expiry but still counted (then it is released)
     has_expired_reservations: bool = True
+    # whether a wallet grant reached its expiry and still counts (then it is expired)
+    has_due_grants: bool = True
 
 
 # One round trip: the tenant, its current subscription and plan, the live wallet, the
@@ -64,7 +66,10 @@ SELECT t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_si
                    AND (%(resource)s::text IS NULL OR resource = %(resource)s)) q),
        EXISTS (SELECT 1 FROM reservations r
                 WHERE r.tenant_id = t.tenant_id AND r.status = 'active'
-                  AND r.expires_at <= %(now)s)
+                  AND r.expires_at <= %(now)s),
+       EXISTS (SELECT 1 FROM wallet_grants g
+                WHERE g.tenant_id = t.tenant_id AND NOT g.expired
+                  AND g.expires_at <= %(now)s)
 FROM tenants t
 LEFT JOIN subscriptions s ON s.tenant_id = t.tenant_id AND s.is_current
 LEFT JOIN plans p ON p.plan_id = s.plan_id
@@ -80,7 +85,7 @@ async def load_context(
     if row is None:
         raise NotFound(f"unknown tenant {tenant_id!r}")
     tz, created_at, plan_id, status, trial_end, past_due_since, anchor, unlimited, ent = row[:9]
-    live, quota_rows, has_expired = row[9:]
+    live, quota_rows, has_expired, has_due = row[9:]
     quotas: dict[str, dict[Period, Quota]] = {}
     # overrides come first and win over the plan's quota of the same (resource, period)
     for res, period, limit, warn_at, overage in quota_rows:
@@ -99,6 +104,7 @@ async def load_context(
         enterprise=ent,
         wallet_live_micros=live,
         has_expired_reservations=has_expired,
+        has_due_grants=has_due,
         quotas={
             res: tuple(sorted(by_period.values(), key=lambda q: PERIOD_ORDER[q.period]))
             for res, by_period in quotas.items()
@@ -486,8 +492,11 @@ async def plan_offers(conn: Conn, resource: str, exclude_plan: str | None) -> li
 # --- wallet ----------------------------------------------------------------------------
 
 
-async def lock_wallet(conn: Conn, tenant_id: str, now: datetime) -> tuple[int, int]:
-    """Lock the tenant's wallet, expire due grants; returns (balance, held) micros."""
+async def lock_wallet(
+    conn: Conn, tenant_id: str, now: datetime, *, expire_due: bool = True
+) -> tuple[int, int]:
+    """Lock the tenant's wallet and expire due grants (skipped when the caller knows, as of
+    the same `now`, that none is due); returns (balance, held) micros."""
     cur = await conn.execute(
         "INSERT INTO wallets AS w (tenant_id, updated_at) VALUES (%s, %s)"
         " ON CONFLICT (tenant_id) DO UPDATE SET updated_at = w.updated_at"
@@ -497,6 +506,8 @@ async def lock_wallet(conn: Conn, tenant_id: str, now: datetime) -> tuple[int, i
     row = await cur.fetchone()
     assert row is not None
     balance, held = int(row[0]), int(row[1])
+    if not expire_due:
+        return balance, held
     cur = await conn.execute(
         """
         UPDATE wallet_grants g SET expired = true, remaining_micros = 0

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from billing_core import catalog
 from billing_core.catalog import quota
 from billing_core.clock import FrozenClock
 from billing_core.errors import Conflict, InvalidRequest, NotFound
@@ -214,3 +215,32 @@ async def test_token_cost_and_wallet_overage(
         await engine.consume(
             ConsumeRequest(t, "tokens", 1, "c6", tokens=TokenUsage("acme", "nope", 1, 1))
         )
+
+
+async def test_an_expired_grant_stops_paying_and_is_written_off_in_the_ledger(
+    pool: Pool, engine: QuotaEngine, clock: FrozenClock, uid: str
+) -> None:
+    now = clock.now()
+    await f.price(pool, "acme", f"m-{uid}", 1_000_000, 0, now - timedelta(days=1))
+    plan = await f.plan(pool, now, uid, [quota("tokens", "daily", 0, overage="wallet")])
+    t = await f.tenant(pool, now, f"t-{uid}", plan)
+    async with pool.connection() as conn:
+        await catalog.grant_credits(
+            conn, t, 700, now, reason="promo", expires_at=now + timedelta(hours=1)
+        )
+        await catalog.grant_credits(conn, t, 300, now, reason="paid")
+    tokens = TokenUsage("acme", f"m-{uid}", 100, 0)  # 100 micros
+    first = await engine.consume(ConsumeRequest(t, "tokens", 1, "e1", tokens=tokens))
+    assert first.allowed and first.wallet_balance_micros == 900  # the soonest-expiring pays
+    clock.advance(timedelta(hours=2))
+    second = await engine.consume(ConsumeRequest(t, "tokens", 1, "e2", tokens=tokens))
+    assert second.allowed and second.wallet_balance_micros == 200  # 600 expired, 100 paid
+    rows = await f.fetch(
+        pool,
+        "SELECT kind, sum(delta_micros) FROM wallet_ledger WHERE tenant_id = %s"
+        " GROUP BY kind ORDER BY kind",
+        t,
+    )
+    assert rows == [("debit", -200), ("expire", -600), ("grant", 1000)]
+    [(balance,)] = await f.fetch(pool, "SELECT balance_micros FROM wallets WHERE tenant_id = %s", t)
+    assert balance == 200
