@@ -9,7 +9,7 @@ A denial, dry run or error rolls everything back, so nothing is written for them
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -20,9 +20,17 @@ import structlog
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool
 
+from billing_core import decisions
 from billing_core.clock import Clock
 from billing_core.db import quota_store as store
 from billing_core.db.quota_store import Conn, CounterKey, TenantContext, UsageRecordRow
+from billing_core.decisions import (
+    add_delta,
+    consume_record,
+    token_fields,
+    window_counts,
+    window_views,
+)
 from billing_core.errors import Conflict, InvalidRequest, NotFound, QuotaError, Unavailable
 from billing_core.ids import new_id
 from billing_core.limits import (
@@ -31,15 +39,12 @@ from billing_core.limits import (
     SubscriptionStatus,
     Verdict,
     WindowCount,
-    WindowState,
     access_reason,
-    crossed_thresholds,
     decide,
-    denial_message,
-    window_state,
 )
 from billing_core.periods import EPOCH, Window, tenant_zone, window_for
 from billing_core.pricing import TokenUsage, cost_micros
+from billing_core.quota_batch import ClaimRace, decide_batch
 from billing_core.resources import Overage, Period
 from billing_core.usage import (
     CommitRequest,
@@ -53,7 +58,6 @@ from billing_core.usage import (
     ResourceWindows,
     UsageReport,
     UsageRequest,
-    WindowView,
 )
 
 log = structlog.get_logger(__name__)
@@ -131,9 +135,10 @@ class QuotaEngine:
 
     async def consume_batch(self, reqs: Sequence[ConsumeRequest]) -> list[Decision | QuotaError]:
         """Decide many requests in one transaction, in the given order, exactly as one-by-one
-        calls would (each runs in a savepoint and sees the ones before it); one commit
-        for all. When the batch as a whole fails, each request is retried on its own, so
-        one bad request never fails its neighbours."""
+        calls would: set-based (quota_batch.decide_batch), with tenants that have lazily
+        expiring state decided one by one in savepoints; one commit for all. When the
+        batch as a whole fails, each request is retried on its own, so one bad request
+        never fails its neighbours."""
         results: dict[int, Decision | QuotaError] = {}
         valid: list[int] = []
         for i, req in enumerate(reqs):
@@ -144,20 +149,28 @@ class QuotaEngine:
                 results[i] = exc
 
         async def work(conn: Conn) -> dict[int, Decision | QuotaError]:
-            done: dict[int, Decision | QuotaError] = {}
+            batch = [reqs[i] for i in valid]
             async with conn.transaction():
-                for i in valid:
+                outcome = await decide_batch(
+                    conn,
+                    batch,
+                    self._clock.now(),
+                    idempotency_ttl=self._rules.idempotency_ttl,
+                    past_due_grace=self._rules.past_due_grace,
+                )
+                done = {valid[j]: result for j, result in outcome.results.items()}
+                for j in outcome.one_by_one:
                     try:
-                        done[i] = await self._admit(conn, reqs[i], None)
+                        done[valid[j]] = await self._admit(conn, batch[j], None)
                     except (InvalidRequest, NotFound, Conflict) as exc:
-                        done[i] = exc  # its savepoint rolled back; the others stand
+                        done[valid[j]] = exc  # its savepoint rolled back; the others stand
             return done
 
         try:
             results.update(await self._run(work))
         except Unavailable as exc:
             results.update({i: exc for i in valid})  # one by one would not fare better
-        except psycopg.Error:
+        except (psycopg.Error, ClaimRace):
             for i in valid:
                 try:
                     results[i] = await self.consume(reqs[i])
@@ -193,7 +206,7 @@ class QuotaEngine:
             return dry.decision
         except _Denied as denied:
             upgrade = await self._upgrade_plan(conn, denied.decision, req)
-            return _replace(denied.decision, upgrade_plan_id=upgrade)
+            return replace(denied.decision, upgrade_plan_id=upgrade)
 
     async def _claim(
         self,
@@ -253,7 +266,7 @@ class QuotaEngine:
             for k in r.windows:
                 used, reserved = counts[k]
                 counts[k] = (used, reserved - r.amount)
-        wcs = _window_counts(quotas, windows, counts, req.resource)
+        wcs = window_counts(quotas, windows, counts, req.resource)
         verdict = decide(wcs, req.amount, cost, _NO_LIMIT, unlimited=ctx.unlimited)
         wallet: tuple[int, int] | None = None
         needs_wallet = verdict.charge_micros > 0 or any(r.held_micros for r in expired)
@@ -282,14 +295,14 @@ class QuotaEngine:
         deltas: dict[CounterKey, tuple[int, int]] = {}
         for r in ev.expired:
             for k in r.windows:
-                _add(deltas, k, 0, -r.amount)
+                add_delta(deltas, k, 0, -r.amount)
         if ev.expired:
             await store.finish_reservations(
                 conn, tenant, [r.reservation_id for r in ev.expired], "expired", now
             )
         for w in ev.windows:
             key = (req.resource, w.period, w.start)
-            _add(deltas, key, 0, req.amount) if ttl is not None else _add(
+            add_delta(deltas, key, 0, req.amount) if ttl is not None else add_delta(
                 deltas, key, req.amount, 0
             )
         # counts were adjusted for expiry already; the DB rows were not
@@ -305,7 +318,7 @@ class QuotaEngine:
             await store.insert_usage_record(
                 conn,
                 tenant,
-                _record(req, record_id, "consume", ev, now, charge),
+                consume_record(req, record_id, ev.ctx.plan_id, ev.cost, charge, now),
             )
         else:
             reservation_id = new_id("rsv", now)
@@ -335,7 +348,7 @@ class QuotaEngine:
             )
         await self._notify(conn, ev, req.resource, req.amount, now)
         answer = self._answer(ev, req, now, applied=True)
-        return _replace(
+        return replace(
             answer,
             wallet_balance_micros=balance,
             usage_record_id=record_id,
@@ -346,53 +359,24 @@ class QuotaEngine:
     def _answer(
         self, ev: _Evaluation, req: ConsumeRequest, now: datetime, *, applied: bool
     ) -> Decision:
-        """The allowed decision: windows as they are after the request takes effect."""
-        windows = _views(
-            ev.quotas, ev.windows, ev.counts, req.resource, req.amount, ev.ctx.unlimited
-        )
-        return Decision(
-            allowed=True,
-            reason=Reason.ALLOWED,
-            windows=windows,
-            cost_micros=ev.cost,
-            wallet_balance_micros=ev.ctx.wallet_live_micros,
-        )
+        return decisions.allowed(ev.ctx, ev.quotas, ev.windows, ev.counts, req, ev.cost)
 
     def _denial(self, ev: _Evaluation, req: ConsumeRequest, now: datetime) -> Decision:
-        return Decision(
-            allowed=False,
-            reason=ev.verdict.reason,
-            windows=_views(ev.quotas, ev.windows, ev.counts, req.resource, 0, ev.ctx.unlimited),
-            cost_micros=ev.cost,
-            wallet_balance_micros=ev.ctx.wallet_live_micros,
-            message=denial_message(ev.verdict, req.resource, ev.ctx.timezone, now, req.amount),
-            upgrade_plan_id=ev.ctx.plan_id or "",  # replaced by _upgrade_plan
+        return decisions.denial(
+            ev.ctx, ev.quotas, ev.windows, ev.counts, req, ev.cost, ev.verdict, now
         )
 
     async def _upgrade_plan(self, conn: Conn, denial: Decision, req: ConsumeRequest) -> str:
         """The cheapest active self-serve plan that would have allowed the request."""
         if denial.reason is Reason.PAYMENT_PAST_DUE:
             return ""
-        current = denial.upgrade_plan_id or None
-        levels = {w.period: w.used for w in denial.windows}
-        for offer in await store.plan_offers(conn, req.resource, current):
-            if offer.unlimited:
-                return offer.plan_id
-            if offer.quotas and all(
-                levels.get(q.period, 0) + req.amount <= q.limit for q in offer.quotas
-            ):
-                return offer.plan_id
-        return ""
+        offers = await store.plan_offers(conn, req.resource, denial.upgrade_plan_id or None)
+        return decisions.choose_upgrade(denial, req.amount, offers)
 
     async def _notify(
         self, conn: Conn, ev: _Evaluation, resource: str, amount: int, now: datetime
     ) -> None:
-        rows = []
-        for quota, window in zip(ev.quotas, ev.windows, strict=True):
-            used, reserved = ev.counts[(resource, window.period, window.start)]
-            before = used + reserved
-            for threshold in crossed_thresholds(before, before + amount, quota):
-                rows.append(_threshold_row(quota, window, threshold, before + amount))
+        rows = decisions.thresholds(ev.quotas, ev.windows, ev.counts, resource, amount)
         if rows:
             await store.insert_notifications(conn, ev.ctx.tenant_id, rows, now)
 
@@ -434,10 +418,10 @@ class QuotaEngine:
             deltas: dict[CounterKey, tuple[int, int]] = {}
             if live:
                 for k in res.windows:
-                    _add(deltas, k, 0, -res.amount)
+                    add_delta(deltas, k, 0, -res.amount)
                     used, reserved = counts[k]
                     counts[k] = (used, reserved - res.amount)
-            wcs = _window_counts(quotas, windows, counts, res.resource)
+            wcs = window_counts(quotas, windows, counts, res.resource)
             charge, over_limit = _commit_charge(wcs, req.amount, cost, ctx.unlimited)
             held_back = res.held_micros if live else 0
             balance = ctx.wallet_live_micros
@@ -457,7 +441,7 @@ class QuotaEngine:
                     now=now,
                 )
             for k in keys:
-                _add(deltas, k, req.amount, 0)
+                add_delta(deltas, k, req.amount, 0)
             await store.add_to_counters(conn, req.tenant_id, deltas)
             await store.insert_usage_record(
                 conn,
@@ -470,7 +454,7 @@ class QuotaEngine:
                     res.request_id,
                     res.reservation_id,
                     ctx.plan_id,
-                    *_token_fields(req.tokens),
+                    *token_fields(req.tokens),
                     cost,
                     paid,
                     over_limit or paid < charge,
@@ -485,7 +469,9 @@ class QuotaEngine:
             result = CommitResult(
                 usage_record_id=record_id,
                 cost_micros=cost,
-                windows=_views(quotas, windows, counts, res.resource, req.amount, ctx.unlimited),
+                windows=window_views(
+                    quotas, windows, counts, res.resource, req.amount, ctx.unlimited
+                ),
                 wallet_balance_micros=balance,
             )
             await store.finish_reservations(
@@ -591,7 +577,9 @@ class QuotaEngine:
                     now,
                 ),
             )
-            result = FreeResult(_views(quotas, windows, counts, req.resource, 0, ctx.unlimited))
+            result = FreeResult(
+                window_views(quotas, windows, counts, req.resource, 0, ctx.unlimited)
+            )
             await store.store_response(conn, req.tenant_id, req.request_id, result.to_json())
             return result
 
@@ -630,7 +618,7 @@ class QuotaEngine:
             subscription_status=status.value if status else "none",
             trial_ends_at=ctx.trial_end,
             resources=tuple(
-                ResourceWindows(res, _views(q, w, counts, res, 0, ctx.unlimited))
+                ResourceWindows(res, window_views(q, w, counts, res, 0, ctx.unlimited))
                 for res, (q, w) in per_resource.items()
             ),
             wallet_balance_micros=ctx.wallet_live_micros,
@@ -638,52 +626,6 @@ class QuotaEngine:
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def _add(
-    deltas: dict[CounterKey, tuple[int, int]], key: CounterKey, used: int, reserved: int
-) -> None:
-    du, dr = deltas.get(key, (0, 0))
-    deltas[key] = (du + used, dr + reserved)
-
-
-def _window_counts(
-    quotas: Sequence[Quota],
-    windows: Sequence[Window],
-    counts: Mapping[CounterKey, tuple[int, int]],
-    resource: str,
-) -> list[WindowCount]:
-    return [
-        WindowCount(q, w, *counts[(resource, w.period, w.start)])
-        for q, w in zip(quotas, windows, strict=True)
-    ]
-
-
-def _views(
-    quotas: Sequence[Quota],
-    windows: Sequence[Window],
-    counts: Mapping[CounterKey, tuple[int, int]],
-    resource: str,
-    added: int,
-    unlimited: bool,
-) -> tuple[WindowView, ...]:
-    views = []
-    for q, w in zip(quotas, windows, strict=True):
-        used, reserved = counts[(resource, w.period, w.start)]
-        level = used + reserved + added
-        views.append(
-            WindowView(
-                period=q.period,
-                limit=q.limit,
-                used=level,
-                remaining=max(0, q.limit - level),
-                resets_at=w.resets_at,
-                state=WindowState.OK if unlimited else window_state(level, q),
-                unlimited=unlimited,
-                window_start=w.start,
-            )
-        )
-    return tuple(views)
 
 
 def _commit_charge(
@@ -705,52 +647,3 @@ def _commit_charge(
     )
     charge = -(-cost * over_units // amount) if over_units else 0
     return charge, over_block or (over_units > 0 and cost == 0)
-
-
-def _token_fields(tokens: TokenUsage | None) -> tuple[str | None, str | None, int, int]:
-    if tokens is None:
-        return None, None, 0, 0
-    return tokens.provider, tokens.model, tokens.input_tokens, tokens.output_tokens
-
-
-def _record(
-    req: ConsumeRequest, record_id: str, kind: str, ev: _Evaluation, now: datetime, charge: int
-) -> UsageRecordRow:
-    return UsageRecordRow(
-        record_id,
-        req.resource,
-        req.amount,
-        kind,
-        req.request_id,
-        None,
-        ev.ctx.plan_id,
-        *_token_fields(req.tokens),
-        ev.cost,
-        charge,
-        False,
-        req.labels,
-        now,
-    )
-
-
-def _threshold_row(
-    quota: Quota, window: Window, threshold: int, level: int
-) -> tuple[str, str, str, dict[str, Any]]:
-    key = f"threshold:{quota.resource}:{quota.period.value}:{window.start.isoformat()}:{threshold}"
-    message = (
-        f"{quota.period.value.capitalize()} {quota.resource} usage reached {threshold}% "
-        f"of the {quota.limit:,} limit."
-    )
-    details = {
-        "resource": quota.resource,
-        "period": quota.period.value,
-        "window_start": window.start.isoformat(),
-        "threshold": threshold,
-        "limit": quota.limit,
-        "used": level,
-    }
-    return "threshold", key, message, details
-
-
-def _replace(decision: Decision, **changes: Any) -> Decision:
-    return replace(decision, **changes)

@@ -7,7 +7,7 @@ window_start) → wallet row → wallet grants (by expiry).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -47,8 +47,8 @@ class TenantContext:
 # One round trip: the tenant, its current subscription and plan, the live wallet, the
 # quotas (overrides first: they win over the plan's quota of the same resource and period)
 # and whether expired reservations wait to be released.
-_CONTEXT_SQL = """
-SELECT t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_since,
+CONTEXT_SQL = """
+SELECT t.tenant_id, t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_since,
        s.billing_cycle_anchor, coalesce(p.unlimited, false), coalesce(p.enterprise, false),
        (SELECT coalesce(sum(g.remaining_micros), 0)::bigint FROM wallet_grants g
          WHERE g.tenant_id = t.tenant_id AND NOT g.expired
@@ -58,12 +58,12 @@ SELECT t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_si
           FROM (SELECT resource, period, "limit", warn_at, overage, true AS o
                   FROM quota_overrides o
                  WHERE o.tenant_id = t.tenant_id AND coalesce(p.enterprise, false)
-                   AND (%(resource)s::text IS NULL OR resource = %(resource)s)
+                   AND (%(resources)s::text[] IS NULL OR resource = ANY(%(resources)s))
                 UNION ALL
                 SELECT resource, period, "limit", warn_at, overage, false
                   FROM plan_quotas pq
                  WHERE pq.plan_id = s.plan_id
-                   AND (%(resource)s::text IS NULL OR resource = %(resource)s)) q),
+                   AND (%(resources)s::text[] IS NULL OR resource = ANY(%(resources)s))) q),
        EXISTS (SELECT 1 FROM reservations r
                 WHERE r.tenant_id = t.tenant_id AND r.status = 'active'
                   AND r.expires_at <= %(now)s),
@@ -73,19 +73,37 @@ SELECT t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_si
 FROM tenants t
 LEFT JOIN subscriptions s ON s.tenant_id = t.tenant_id AND s.is_current
 LEFT JOIN plans p ON p.plan_id = s.plan_id
-WHERE t.tenant_id = %(tenant)s
+WHERE t.tenant_id = ANY(%(tenants)s)
 """
 
 
 async def load_context(
     conn: Conn, tenant_id: str, resource: str | None, now: datetime
 ) -> TenantContext:
-    cur = await conn.execute(_CONTEXT_SQL, {"tenant": tenant_id, "now": now, "resource": resource})
-    row = await cur.fetchone()
-    if row is None:
+    found = await load_contexts(conn, [tenant_id], None if resource is None else [resource], now)
+    if tenant_id not in found:
         raise NotFound(f"unknown tenant {tenant_id!r}")
-    tz, created_at, plan_id, status, trial_end, past_due_since, anchor, unlimited, ent = row[:9]
-    live, quota_rows, has_expired, has_due = row[9:]
+    return found[tenant_id]
+
+
+async def load_contexts(
+    conn: Conn, tenant_ids: Sequence[str], resources: Sequence[str] | None, now: datetime
+) -> dict[str, TenantContext]:
+    """The contexts of the tenants that exist, with quotas of `resources` (None: all)."""
+    cur = await conn.execute(
+        CONTEXT_SQL,
+        {
+            "tenants": list(tenant_ids),
+            "now": now,
+            "resources": None if resources is None else list(resources),
+        },
+    )
+    return {row[0]: context_from_row(row) for row in await cur.fetchall()}
+
+
+def context_from_row(row: Sequence[Any]) -> TenantContext:
+    tenant_id, tz, created_at, plan_id, status, trial_end, past_due_since, anchor = row[:8]
+    unlimited, ent, live, quota_rows, has_expired, has_due = row[8:]
     quotas: dict[str, dict[Period, Quota]] = {}
     # overrides come first and win over the plan's quota of the same (resource, period)
     for res, period, limit, warn_at, overage in quota_rows:
@@ -471,6 +489,14 @@ class PlanOffer:
 
 async def plan_offers(conn: Conn, resource: str, exclude_plan: str | None) -> list[PlanOffer]:
     """Active, self-serve plans cheapest first, with their quotas of `resource`."""
+    return await (await send_plan_offers(conn, resource, exclude_plan))()
+
+
+async def send_plan_offers(
+    conn: Conn, resource: str, exclude_plan: str | None
+) -> Callable[[], Awaitable[list[PlanOffer]]]:
+    """plan_offers in two steps: the statement joins the pipeline now, the result is
+    fetched when the returned function is awaited."""
     cur = await conn.execute(
         """
         SELECT p.plan_id, p.unlimited, q.period, q."limit", q.warn_at, q.overage
@@ -480,13 +506,17 @@ async def plan_offers(conn: Conn, resource: str, exclude_plan: str | None) -> li
         """,
         (resource, exclude_plan),
     )
-    offers: dict[str, PlanOffer] = {}
-    for plan_id, unlimited, period, limit, warn_at, overage in await cur.fetchall():
-        offer = offers.setdefault(plan_id, PlanOffer(plan_id, unlimited, ()))
-        if period is not None:
-            quota = Quota(resource, Period(period), limit, tuple(warn_at), Overage(overage))
-            offers[plan_id] = PlanOffer(plan_id, unlimited, (*offer.quotas, quota))
-    return list(offers.values())
+
+    async def result() -> list[PlanOffer]:
+        offers: dict[str, PlanOffer] = {}
+        for plan_id, unlimited, period, limit, warn_at, overage in await cur.fetchall():
+            offer = offers.setdefault(plan_id, PlanOffer(plan_id, unlimited, ()))
+            if period is not None:
+                quota = Quota(resource, Period(period), limit, tuple(warn_at), Overage(overage))
+                offers[plan_id] = PlanOffer(plan_id, unlimited, (*offer.quotas, quota))
+        return list(offers.values())
+
+    return result
 
 
 # --- wallet ----------------------------------------------------------------------------

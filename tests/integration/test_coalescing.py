@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from datetime import timedelta
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -14,9 +15,10 @@ from quota_client import AsyncQuotaClient
 from billing_core.catalog import quota
 from billing_core.clock import FrozenClock
 from billing_core.errors import QuotaError
+from billing_core.limits import SubscriptionStatus
 from billing_core.pricing import TokenUsage
 from billing_core.quota_engine import QuotaEngine, QuotaRules
-from billing_core.usage import ConsumeRequest, Decision
+from billing_core.usage import ConsumeRequest, Decision, ReserveRequest
 from quota_service.server import QuotaServer
 from tests import factories as f
 from tests.integration.test_properties import START
@@ -50,32 +52,60 @@ async def books(pool: Pool, tenant: str) -> Any:
     wallet = await f.fetch(
         pool, "SELECT balance_micros, held_micros FROM wallets WHERE tenant_id = %s", tenant
     )
-    notes = await f.fetch(
-        pool, "SELECT kind, message FROM notifications WHERE tenant_id = %s ORDER BY 2", tenant
+    grants = await f.fetch(
+        pool,
+        "SELECT amount_micros, remaining_micros, expired FROM wallet_grants"
+        " WHERE tenant_id = %s ORDER BY created_at, grant_key",
+        tenant,
     )
-    return counters, records, wallet, notes
+    ledger = await f.fetch(
+        pool,
+        "SELECT l.kind, l.delta_micros, l.reason, r.request_id FROM wallet_ledger l"
+        " LEFT JOIN usage_records r ON r.tenant_id = l.tenant_id"
+        " AND r.usage_record_id = l.usage_record_id WHERE l.tenant_id = %s ORDER BY l.entry_id",
+        tenant,
+    )
+    notes = await f.fetch(
+        pool,
+        "SELECT kind, message, details FROM notifications WHERE tenant_id = %s ORDER BY 2",
+        tenant,
+    )
+    keys = await f.fetch(
+        pool,
+        "SELECT request_id, operation, request_hash, response - 'usage_record_id'"
+        " - 'reservation_id' FROM idempotency_keys WHERE tenant_id = %s ORDER BY 1",
+        tenant,
+    )
+    reservations = await f.fetch(
+        pool, "SELECT request_id, status FROM reservations WHERE tenant_id = %s", tenant
+    )
+    return counters, records, wallet, grants, ledger, notes, keys, reservations
 
 
 requests = st.lists(
     st.tuples(
+        # tenant: credits (most often) / no credits / trial expired / expired reservation
+        st.sampled_from([0, 0, 0, 1, 2, 3]),
         st.sampled_from(["tokens", "messages", "gold"]),  # "gold" is not a resource
         st.integers(0, 40),  # 0 is invalid
         st.integers(0, 12),  # request id: small range → retries of earlier ids
         st.booleans(),  # dry run
+        st.integers(0, 9),  # 0: a model without a price
     ),
     min_size=1,
     max_size=60,
 )
+Item = tuple[int, str, int, int, bool, int]
 
 
 @settings(
-    max_examples=25,
+    max_examples=50,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(workload=requests, cuts=st.lists(st.integers(1, 20), min_size=1, max_size=10))
 async def test_batches_decide_exactly_like_one_by_one(
-    pool: Pool, workload: list[tuple[str, int, int, bool]], cuts: list[int]
+    pool: Pool, workload: list[Item], cuts: list[int]
 ) -> None:
     clock = FrozenClock(START)
     engine = QuotaEngine(pool, clock, QuotaRules())
@@ -86,28 +116,48 @@ async def test_batches_decide_exactly_like_one_by_one(
         START,
         f"co-{tag}",
         [
-            quota("tokens", "daily", 60, overage="wallet", warn_at=(50,)),
+            quota("tokens", "daily", 30, overage="wallet", warn_at=(50,)),
             quota("tokens", "monthly", 150),
             quota("messages", "daily", 70),
         ],
     )
-    one, many = f"one-{tag}", f"many-{tag}"
-    for t in (one, many):
-        await f.tenant(pool, START, t, plan, credits_micros=200)
+    upgrade = await f.plan(pool, START, f"up-{tag}", [quota("messages", "daily", 500)])
+    earlier = QuotaEngine(pool, FrozenClock(START - timedelta(hours=1)), QuotaRules())
+    names: dict[str, list[str]] = {}
+    for side in ("one", "many"):
+        names[side] = [f"{side}{k}-{tag}" for k in range(4)]
+        credits, broke, expired, reserved = names[side]
+        await f.tenant(pool, START, credits, plan, credits_micros=400)
+        await f.tenant(pool, START, broke, plan)
+        await f.tenant(
+            pool,
+            START,
+            expired,
+            plan,
+            status=SubscriptionStatus.TRIALING,
+            trial_end=START - timedelta(days=1),
+        )
+        await f.tenant(pool, START, reserved, plan, credits_micros=100)
+        # a reservation that expired before the workload: its tenant takes the one-by-one path
+        await earlier.reserve(ReserveRequest(reserved, "messages", 5, "held", ttl_seconds=60))
 
-    def make(tenant: str, item: tuple[str, int, int, bool]) -> ConsumeRequest:
-        resource, amount, rid, dry = item
-        tokens = TokenUsage("p", MODEL, amount * 2, 0) if resource == "tokens" else None
-        return ConsumeRequest(tenant, resource, amount, f"r{rid}", dry_run=dry, tokens=tokens)
+    def make(side: str, item: Item) -> ConsumeRequest:
+        who, resource, amount, rid, dry, model = item
+        tokens = None
+        if resource == "tokens":
+            tokens = TokenUsage("p", MODEL if model else "unpriced", amount * 2, 0)
+        return ConsumeRequest(
+            names[side][who], resource, amount, f"r{rid}", dry_run=dry, tokens=tokens
+        )
 
     sequential: list[Decision | QuotaError] = []
     for item in workload:
         try:
-            sequential.append(await engine.consume(make(one, item)))
+            sequential.append(await engine.consume(make("one", item)))
         except QuotaError as exc:
             sequential.append(exc)
     batched: list[Decision | QuotaError] = []
-    rest = [make(many, item) for item in workload]
+    rest = [make("many", item) for item in workload]
     for cut in cuts * 10:
         if not rest:
             break
@@ -116,7 +166,9 @@ async def test_batches_decide_exactly_like_one_by_one(
     if rest:
         batched += await engine.consume_batch(rest)
     assert [outcome(r) for r in batched] == [outcome(r) for r in sequential]
-    assert await books(pool, many) == await books(pool, one)
+    for one, many in zip(names["one"], names["many"], strict=True):
+        assert await books(pool, many) == await books(pool, one)
+    assert upgrade  # offered to denied message requests when it would have allowed them
 
 
 async def test_the_coalescing_sidecar_is_exact_under_64_callers(

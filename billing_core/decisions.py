@@ -1,0 +1,189 @@
+"""Pure pieces of a quota decision shared by the one-by-one and the batched paths: window
+views, usage-record rows, threshold notifications and the upgrade suggestion.
+
+Nothing here touches the database; both paths build the same answers from the same
+counts, which is what lets a batch decide exactly like one-by-one calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from billing_core.db.quota_store import CounterKey, PlanOffer, TenantContext, UsageRecordRow
+from billing_core.limits import (
+    Quota,
+    Reason,
+    Verdict,
+    WindowCount,
+    WindowState,
+    crossed_thresholds,
+    denial_message,
+    window_state,
+)
+from billing_core.periods import Window
+from billing_core.pricing import TokenUsage
+from billing_core.usage import ConsumeRequest, Decision, WindowView
+
+Counts = Mapping[CounterKey, tuple[int, int]]
+Notification = tuple[str, str, str, dict[str, Any]]  # kind, dedupe_key, message, details
+
+
+def add_delta(
+    deltas: dict[CounterKey, tuple[int, int]], key: CounterKey, used: int, reserved: int
+) -> None:
+    du, dr = deltas.get(key, (0, 0))
+    deltas[key] = (du + used, dr + reserved)
+
+
+def window_counts(
+    quotas: Sequence[Quota], windows: Sequence[Window], counts: Counts, resource: str
+) -> list[WindowCount]:
+    return [
+        WindowCount(q, w, *counts[(resource, w.period, w.start)])
+        for q, w in zip(quotas, windows, strict=True)
+    ]
+
+
+def window_views(
+    quotas: Sequence[Quota],
+    windows: Sequence[Window],
+    counts: Counts,
+    resource: str,
+    added: int,
+    unlimited: bool,
+) -> tuple[WindowView, ...]:
+    views = []
+    for q, w in zip(quotas, windows, strict=True):
+        used, reserved = counts[(resource, w.period, w.start)]
+        level = used + reserved + added
+        views.append(
+            WindowView(
+                period=q.period,
+                limit=q.limit,
+                used=level,
+                remaining=max(0, q.limit - level),
+                resets_at=w.resets_at,
+                state=WindowState.OK if unlimited else window_state(level, q),
+                unlimited=unlimited,
+                window_start=w.start,
+            )
+        )
+    return tuple(views)
+
+
+def allowed(
+    ctx: TenantContext,
+    quotas: Sequence[Quota],
+    windows: Sequence[Window],
+    counts: Counts,
+    req: ConsumeRequest,
+    cost: int,
+) -> Decision:
+    """The allowed decision: windows as they are after the request takes effect."""
+    return Decision(
+        allowed=True,
+        reason=Reason.ALLOWED,
+        windows=window_views(quotas, windows, counts, req.resource, req.amount, ctx.unlimited),
+        cost_micros=cost,
+        wallet_balance_micros=ctx.wallet_live_micros,
+    )
+
+
+def denial(
+    ctx: TenantContext,
+    quotas: Sequence[Quota],
+    windows: Sequence[Window],
+    counts: Counts,
+    req: ConsumeRequest,
+    cost: int,
+    verdict: Verdict,
+    now: datetime,
+) -> Decision:
+    """The denial; upgrade_plan_id carries the current plan until choose_upgrade runs."""
+    return Decision(
+        allowed=False,
+        reason=verdict.reason,
+        windows=window_views(quotas, windows, counts, req.resource, 0, ctx.unlimited),
+        cost_micros=cost,
+        wallet_balance_micros=ctx.wallet_live_micros,
+        message=denial_message(verdict, req.resource, ctx.timezone, now, req.amount),
+        upgrade_plan_id=ctx.plan_id or "",
+    )
+
+
+def choose_upgrade(denial: Decision, amount: int, offers: Sequence[PlanOffer]) -> str:
+    """The first (cheapest) offer that would have allowed the denied request, or ""."""
+    levels = {w.period: w.used for w in denial.windows}
+    for offer in offers:
+        if offer.unlimited:
+            return offer.plan_id
+        if offer.quotas and all(levels.get(q.period, 0) + amount <= q.limit for q in offer.quotas):
+            return offer.plan_id
+    return ""
+
+
+def thresholds(
+    quotas: Sequence[Quota],
+    windows: Sequence[Window],
+    counts: Counts,
+    resource: str,
+    amount: int,
+) -> list[Notification]:
+    """The warning notifications `amount` more of `resource` crosses, one per threshold."""
+    rows = []
+    for quota, window in zip(quotas, windows, strict=True):
+        used, reserved = counts[(resource, window.period, window.start)]
+        before = used + reserved
+        for threshold in crossed_thresholds(before, before + amount, quota):
+            rows.append(threshold_row(quota, window, threshold, before + amount))
+    return rows
+
+
+def token_fields(tokens: TokenUsage | None) -> tuple[str | None, str | None, int, int]:
+    if tokens is None:
+        return None, None, 0, 0
+    return tokens.provider, tokens.model, tokens.input_tokens, tokens.output_tokens
+
+
+def consume_record(
+    req: ConsumeRequest,
+    record_id: str,
+    plan_id: str | None,
+    cost: int,
+    charge: int,
+    now: datetime,
+) -> UsageRecordRow:
+    return UsageRecordRow(
+        record_id,
+        req.resource,
+        req.amount,
+        "consume",
+        req.request_id,
+        None,
+        plan_id,
+        *token_fields(req.tokens),
+        cost,
+        charge,
+        False,
+        req.labels,
+        now,
+    )
+
+
+def threshold_row(quota: Quota, window: Window, threshold: int, level: int) -> Notification:
+    key = f"threshold:{quota.resource}:{quota.period.value}:{window.start.isoformat()}:{threshold}"
+    message = (
+        f"{quota.period.value.capitalize()} {quota.resource} usage reached {threshold}% "
+        f"of the {quota.limit:,} limit."
+    )
+    details = {
+        "resource": quota.resource,
+        "period": quota.period.value,
+        "window_start": window.start.isoformat(),
+        "threshold": threshold,
+        "limit": quota.limit,
+        "used": level,
+    }
+    return "threshold", key, message, details

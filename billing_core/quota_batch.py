@@ -1,0 +1,310 @@
+"""CheckAndConsume for a batch of requests, decided set-based in one transaction.
+
+A handful of statements serve the whole batch, whatever its size:
+
+1. one round trip reads the tenants' contexts, the model prices and the request_ids that
+   are already taken;
+2. one round trip creates-if-missing and locks every counter row the batch touches (in the
+   global key order) and the wallets and grants that may pay an overage;
+3. the requests are decided in memory, in arrival order, each seeing the ones before it —
+   exactly the decisions one-by-one calls would make (tests/integration/test_coalescing.py
+   runs random workloads both ways and compares answers and books);
+4. one round trip writes counters, usage records, grant debits, ledger entries, wallets,
+   notifications and idempotency keys set-based, and reads the upgrade offers for denials.
+
+Tenants with lazily expiring state (an expired reservation to release, a grant to expire)
+are left to the one-by-one path, in the same transaction. When another transaction took
+one of the batch's request_ids meanwhile, ClaimRace rolls the batch back and the caller
+decides its requests one by one, which waits for and replays the twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from billing_core import decisions
+from billing_core.db import batch_store as bs
+from billing_core.db.batch_store import StoredKey, TenantKey
+from billing_core.db.quota_store import Conn, CounterKey, PlanOffer, TenantContext, UsageRecordRow
+from billing_core.errors import InvalidRequest, NotFound, QuotaError
+from billing_core.ids import new_id
+from billing_core.limits import Quota, Reason, Verdict, access_reason, decide
+from billing_core.periods import Window, tenant_zone, window_for
+from billing_core.pricing import ModelPrice, cost_micros
+from billing_core.resources import Overage
+from billing_core.usage import ConsumeRequest, Decision
+from billing_core.wallet import LiveGrant, allocate_debit
+
+NO_LIMIT = 1 << 62
+OPERATION = "consume"
+
+
+class ClaimRace(Exception):
+    """Another transaction stored one of the batch's request_ids first."""
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    results: dict[int, Decision | QuotaError]
+    one_by_one: list[int]  # positions left to the one-by-one path
+
+
+@dataclass(slots=True)
+class _Tenant:
+    """One tenant's state as the batch goes, request after request."""
+
+    ctx: TenantContext
+    counts: dict[CounterKey, tuple[int, int]] = field(default_factory=dict)
+    wallet: tuple[int, int] | None = None  # locked (balance, held); None: no wallet row
+    grants: list[LiveGrant] = field(default_factory=list)
+    taken: dict[str, StoredKey] = field(default_factory=dict)  # live request_ids
+    windows: dict[str, tuple[tuple[Quota, ...], tuple[Window, ...]]] = field(default_factory=dict)
+
+    def plan(self, resource: str, now: datetime) -> tuple[tuple[Quota, ...], tuple[Window, ...]]:
+        found = self.windows.get(resource)
+        if found is None:
+            quotas = self.ctx.quotas.get(resource, ())
+            zone = tenant_zone(self.ctx.timezone)
+            windows = tuple(window_for(q.period, now, zone, self.ctx.anchor) for q in quotas)
+            found = self.windows[resource] = (quotas, windows)
+        return found
+
+
+@dataclass(slots=True)
+class _Writes:
+    deltas: dict[TenantKey, tuple[int, int]] = field(default_factory=dict)
+    records: list[tuple[str, UsageRecordRow]] = field(default_factory=list)
+    debits: list[tuple[str, str, int]] = field(default_factory=list)
+    ledger: list[tuple[str, str, str, int, str | None, str]] = field(default_factory=list)
+    wallets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    notes: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list)
+    claims: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list)
+
+
+async def decide_batch(
+    conn: Conn,
+    reqs: Sequence[ConsumeRequest],
+    now: datetime,
+    *,
+    idempotency_ttl: timedelta,
+    past_due_grace: timedelta,
+) -> BatchOutcome:
+    """Decide validated requests in order inside the caller's transaction."""
+    models = sorted({(r.tokens.provider, r.tokens.model) for r in reqs if r.tokens is not None})
+    keys = sorted({(r.tenant_id, r.request_id) for r in reqs if not r.dry_run})
+    contexts_p = await bs.send_contexts(
+        conn, sorted({r.tenant_id for r in reqs}), sorted({r.resource for r in reqs}), now
+    )
+    prices_p = await bs.send_prices(conn, models, now) if models else None
+    keys_p = await bs.send_live_keys(conn, keys, now) if keys else None
+    contexts = await contexts_p()
+    prices = await prices_p() if prices_p else {}
+    stored = await keys_p() if keys_p else {}
+
+    tenants: dict[str, _Tenant] = {}
+    one_by_one: list[int] = []
+    fast: list[int] = []
+    for i, req in enumerate(reqs):
+        ctx = contexts.get(req.tenant_id)
+        if ctx is None or ctx.has_expired_reservations or ctx.has_due_grants:
+            one_by_one.append(i)
+        else:
+            fast.append(i)
+            tenants.setdefault(req.tenant_id, _Tenant(ctx))
+    for (tenant_id, request_id), key in stored.items():
+        if tenant_id in tenants:
+            tenants[tenant_id].taken[request_id] = key
+
+    # lock what the fast requests touch: counters of their windows, and the wallets
+    # (with grants) of tenants whose requests may have to pay an overage
+    lock_keys: list[TenantKey] = []
+    wallet_tenants: set[str] = set()
+    for i in fast:
+        req = reqs[i]
+        state = tenants[req.tenant_id]
+        quotas, windows = state.plan(req.resource, now)
+        lock_keys += [(req.tenant_id, req.resource, w.period, w.start) for w in windows]
+        if (
+            not req.dry_run
+            and req.tokens is not None
+            and not state.ctx.unlimited
+            and any(q.overage is Overage.WALLET for q in quotas)
+        ):
+            wallet_tenants.add(req.tenant_id)
+    counters_p = await bs.send_lock_counters(conn, lock_keys) if lock_keys else None
+    wallets_p = await bs.send_lock_wallets(conn, sorted(wallet_tenants)) if wallet_tenants else None
+    created: list[TenantKey] = []
+    if counters_p is not None:
+        for (t, resource, period, start), (used, reserved, new) in (await counters_p()).items():
+            tenants[t].counts[(resource, period, start)] = (used, reserved)
+            if new:
+                created.append((t, resource, period, start))
+    if wallets_p is not None:
+        wallets, grants = await wallets_p()
+        for t, wallet in wallets.items():
+            tenants[t].wallet = wallet
+            tenants[t].grants = grants.get(t, [])
+
+    writes = _Writes()
+    results: dict[int, Decision | QuotaError] = {}
+    denials: list[int] = []
+    for i in fast:
+        req = reqs[i]
+        state = tenants[req.tenant_id]
+        result: Decision | QuotaError
+        try:
+            result = _decide_one(state, req, now, prices, past_due_grace, writes)
+        except QuotaError as exc:
+            result = exc
+        results[i] = result
+        if isinstance(result, Decision) and not result.allowed and not result.replayed:
+            denials.append(i)
+
+    await bs.add_to_counters(conn, writes.deltas)
+    await bs.drop_counters(conn, [k for k in created if k not in writes.deltas])
+    await bs.insert_usage_records(conn, writes.records)
+    await bs.debit_grants(conn, writes.debits)
+    await bs.insert_ledger(conn, writes.ledger, now)
+    await bs.set_wallets(conn, writes.wallets, now)
+    await bs.insert_notifications(conn, writes.notes, now)
+    claims_p = (
+        await bs.send_claims(conn, writes.claims, now, now + idempotency_ttl)
+        if writes.claims
+        else None
+    )
+    wanted = sorted(
+        {
+            (reqs[i].resource, _current_plan(results[i]))
+            for i in denials
+            if _reason(results[i]) is not Reason.PAYMENT_PAST_DUE
+        },
+        key=lambda w: (w[0], w[1] or ""),
+    )
+    offers_p = await bs.send_offers(conn, wanted) if wanted else None
+    if claims_p is not None and await claims_p() != len(writes.claims):
+        raise ClaimRace("a request_id of the batch was taken by another transaction")
+    offers: dict[tuple[str, str | None], list[PlanOffer]] = await offers_p() if offers_p else {}
+    for i in denials:
+        denial = results[i]
+        assert isinstance(denial, Decision)
+        upgrade = ""
+        if denial.reason is not Reason.PAYMENT_PAST_DUE:
+            found = offers[(reqs[i].resource, _current_plan(denial))]
+            upgrade = decisions.choose_upgrade(denial, reqs[i].amount, found)
+        results[i] = replace(denial, upgrade_plan_id=upgrade)
+    return BatchOutcome(results, one_by_one)
+
+
+def _decide_one(
+    state: _Tenant,
+    req: ConsumeRequest,
+    now: datetime,
+    prices: dict[tuple[str, str], ModelPrice],
+    past_due_grace: timedelta,
+    writes: _Writes,
+) -> Decision:
+    """One request, as QuotaEngine._admit decides it, against the batch's state so far."""
+    fingerprint = ""
+    if not req.dry_run:
+        fingerprint = req.fingerprint(OPERATION)
+        prior = state.taken.get(req.request_id)
+        if prior is not None:
+            operation, request_hash, response = prior
+            if request_hash != fingerprint:
+                raise InvalidRequest(
+                    f"request_id {req.request_id!r} was already used for a different request "
+                    f"({operation}); use a new request_id for new work"
+                )
+            return Decision.from_json(response, replayed=True)
+    ctx = state.ctx
+    cost = 0
+    if req.tokens is not None:
+        price = prices.get((req.tokens.provider, req.tokens.model))
+        if price is None:
+            raise NotFound(
+                f"no price for {req.tokens.provider}/{req.tokens.model} at {now.isoformat()}; "
+                f"set one with PUT /v1/model-prices/{req.tokens.provider}/{req.tokens.model}"
+            )
+        cost = cost_micros(req.tokens, price)
+    quotas, windows = state.plan(req.resource, now)
+    counts = state.counts
+    reason = access_reason(ctx.access, now, past_due_grace)
+    if reason is not Reason.ALLOWED or not quotas:
+        if reason is Reason.ALLOWED and not ctx.unlimited:
+            reason = Reason.RESOURCE_NOT_IN_PLAN
+        verdict = Verdict(reason is Reason.ALLOWED, reason)
+    else:
+        wcs = decisions.window_counts(quotas, windows, counts, req.resource)
+        verdict = decide(wcs, req.amount, cost, NO_LIMIT, unlimited=ctx.unlimited)
+        if verdict.allowed and verdict.charge_micros > 0:
+            if req.dry_run:
+                balance, held = ctx.wallet_live_micros, 0
+            else:
+                balance, held = state.wallet or (0, 0)
+            verdict = decide(wcs, req.amount, cost, balance - held, unlimited=ctx.unlimited)
+    if not verdict.allowed:
+        return decisions.denial(ctx, quotas, windows, counts, req, cost, verdict, now)
+    answer = decisions.allowed(ctx, quotas, windows, counts, req, cost)
+    if req.dry_run:
+        return answer
+    return _apply(state, req, quotas, windows, cost, verdict.charge_micros, answer, fingerprint,
+                  now, writes)  # fmt: skip
+
+
+def _apply(
+    state: _Tenant,
+    req: ConsumeRequest,
+    quotas: tuple[Quota, ...],
+    windows: tuple[Window, ...],
+    cost: int,
+    charge: int,
+    answer: Decision,
+    fingerprint: str,
+    now: datetime,
+    writes: _Writes,
+) -> Decision:
+    tenant_id = req.tenant_id
+    for note in decisions.thresholds(quotas, windows, state.counts, req.resource, req.amount):
+        writes.notes.append((tenant_id, *note))
+    for w in windows:
+        key = (req.resource, w.period, w.start)
+        used, reserved = state.counts[key]
+        state.counts[key] = (used + req.amount, reserved)
+        du, dr = writes.deltas.get((tenant_id, *key), (0, 0))
+        writes.deltas[(tenant_id, *key)] = (du + req.amount, dr)
+    record_id = new_id("ur", now)
+    writes.records.append(
+        (tenant_id, decisions.consume_record(req, record_id, state.ctx.plan_id, cost, charge, now))
+    )
+    balance = state.ctx.wallet_live_micros
+    if charge:
+        assert state.wallet is not None  # decide() let the wallet pay, so it was locked
+        taken = allocate_debit(state.grants, charge)
+        left = dict(taken)
+        state.grants = [
+            replace(g, remaining_micros=g.remaining_micros - left.get(g.grant_id, 0))
+            for g in state.grants
+        ]
+        writes.debits += [(tenant_id, g, m) for g, m in taken]
+        writes.ledger += [(tenant_id, g, "debit", -m, record_id, "usage") for g, m in taken]
+        wallet_balance, held = state.wallet
+        balance = wallet_balance - charge
+        state.wallet = writes.wallets[tenant_id] = (balance, held)
+        state.ctx = replace(state.ctx, wallet_live_micros=state.ctx.wallet_live_micros - charge)
+    decision = replace(answer, wallet_balance_micros=balance, usage_record_id=record_id)
+    response = decision.to_json()
+    state.taken[req.request_id] = (OPERATION, fingerprint, response)
+    writes.claims.append((tenant_id, req.request_id, OPERATION, fingerprint, response))
+    return decision
+
+
+def _current_plan(result: Decision | QuotaError) -> str | None:
+    assert isinstance(result, Decision)
+    return result.upgrade_plan_id or None  # a denial carries the current plan until here
+
+
+def _reason(result: Decision | QuotaError) -> Reason | None:
+    return result.reason if isinstance(result, Decision) else None
