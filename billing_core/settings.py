@@ -40,6 +40,8 @@ class Settings:
     db_acquire_timeout_ms: int = 2000
     drain_seconds: int = 10
     coalesce_requests: bool = True
+    # batches decided at once; a tenant always goes to the same lane
+    coalesce_lanes: int = 1
     # quota rules
     idempotency_ttl_hours: int = 24
     past_due_grace_days: int = 3
@@ -80,6 +82,7 @@ class Settings:
             drain_seconds=_int(env, "QUOTA_DRAIN_SECONDS", 10),
             coalesce_requests=_str(env, "QUOTA_COALESCE", "on").lower()
             not in ("0", "off", "false"),
+            coalesce_lanes=_int(env, "QUOTA_COALESCE_LANES", 1),
             idempotency_ttl_hours=_int(env, "IDEMPOTENCY_TTL_HOURS", 24),
             past_due_grace_days=_int(env, "PAST_DUE_GRACE_DAYS", 3),
             reservation_sweep_seconds=_int(env, "RESERVATION_SWEEP_SECONDS", 30),

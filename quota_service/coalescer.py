@@ -1,10 +1,12 @@
 """Request coalescing for CheckAndConsume: concurrent requests share one transaction.
 
-Requests go to a lane chosen by tenant, so one tenant's requests are decided in arrival
-order by one lane, and two lanes never wait on each other's rows (every hot row belongs to
-one tenant). A lane takes whatever has queued up while its previous batch ran — a request
-that arrives to an idle lane is decided at once, never held back for company — and decides
-the batch in one transaction with one commit (QuotaEngine.consume_batch)."""
+Requests go to a lane chosen by tenant, so one tenant's requests are always decided in
+arrival order by the same lane. A lane takes whatever has queued up while its previous
+batch ran — a request that arrives to an idle lane is decided at once, never held back
+for company — and decides the batch set-based in one transaction with one commit
+(QuotaEngine.consume_batch). One lane is the default: a batch holds any mix of tenants, and
+on a small machine the CPU, not the database, is the limit; more lanes
+(QUOTA_COALESCE_LANES) overlap database round trips where there are cores to spare."""
 
 from __future__ import annotations
 

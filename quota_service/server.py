@@ -163,7 +163,9 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     )
     registry = CollectorRegistry()
     coalescer = (
-        Coalescer(engine, lanes=settings.db_pool_size) if settings.coalesce_requests else None
+        Coalescer(engine, lanes=max(1, min(settings.coalesce_lanes, settings.db_pool_size)))
+        if settings.coalesce_requests
+        else None
     )
     servicer = QuotaServicer(engine, Metrics(registry), coalescer)
     pb_grpc.add_QuotaServiceServicer_to_server(servicer, server)

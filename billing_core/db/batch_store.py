@@ -87,6 +87,10 @@ async def send_live_keys(
     return result
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _order(key: TenantKey) -> tuple[str, str, int, datetime]:
     return key[0], key[1], PERIOD_ORDER[key[2]], key[3]
 
@@ -196,26 +200,26 @@ async def drop_counters(conn: Conn, keys: Sequence[TenantKey]) -> None:
 async def insert_usage_records(conn: Conn, rows: Sequence[tuple[str, UsageRecordRow]]) -> None:
     if not rows:
         return
-    cols: list[list[Any]] = [[] for _ in range(17)]
-    for tenant_id, r in rows:
-        values = (tenant_id, r.usage_record_id, r.resource, r.amount, r.kind, r.request_id,
-                  r.reservation_id, r.plan_id, r.provider, r.model, r.input_tokens,
-                  r.output_tokens, r.cost_micros, r.wallet_charged_micros, r.over_limit,
-                  json.dumps(dict(r.labels)), r.occurred_at)  # fmt: skip
-        for col, value in zip(cols, values, strict=True):
-            col.append(value)
+    payload = [
+        [tenant_id, r.usage_record_id, r.resource, r.amount, r.kind, r.request_id,
+         r.reservation_id, r.plan_id, r.provider, r.model, r.input_tokens, r.output_tokens,
+         r.cost_micros, r.wallet_charged_micros, r.over_limit, dict(r.labels),
+         r.occurred_at.isoformat()]
+        for tenant_id, r in rows
+    ]  # fmt: skip
+    # one JSON document, not 17 arrays: psycopg escapes array elements one by one in Python
     await conn.execute(
         """
         INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,
             request_id, reservation_id, plan_id, provider, model, input_tokens, output_tokens,
             cost_micros, wallet_charged_micros, over_limit, labels, occurred_at)
-        SELECT t, id, r, a, k, rq, rs, pl, pr, mo, it, ot, c, w, o, l::jsonb, at
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],
-                    %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[],
-                    %s::bigint[], %s::bigint[], %s::bool[], %s::text[], %s::timestamptz[])
-             AS u(t, id, r, a, k, rq, rs, pl, pr, mo, it, ot, c, w, o, l, at)
+        SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, e->>4, e->>5, e->>6, e->>7, e->>8, e->>9,
+               (e->>10)::bigint, (e->>11)::bigint, (e->>12)::bigint, (e->>13)::bigint,
+               (e->>14)::bool, e->15, (e->>16)::timestamptz
+        FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS u(e, n)
+        ORDER BY n
         """,
-        cols,
+        (_json(payload),),
     )
 
 
@@ -276,24 +280,15 @@ async def insert_notifications(
         first.setdefault((row[0], row[2]), row)
     if not first:
         return
-    kept = list(first.values())
     await conn.execute(
         """
         INSERT INTO notifications (tenant_id, kind, dedupe_key, message, details, created_at)
-        SELECT t, k, d, m, x::jsonb, %s
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[])
-             WITH ORDINALITY AS u(t, k, d, m, x, n)
+        SELECT e->>0, e->>1, e->>2, e->>3, e->4, %s
+        FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS u(e, n)
         ORDER BY n
         ON CONFLICT (tenant_id, dedupe_key) DO NOTHING
         """,
-        (
-            now,
-            [r[0] for r in kept],
-            [r[1] for r in kept],
-            [r[2] for r in kept],
-            [r[3] for r in kept],
-            [json.dumps(r[4]) for r in kept],
-        ),
+        (now, _json([list(r) for r in first.values()])),
     )
 
 
@@ -309,8 +304,8 @@ async def send_claims(
         """
         INSERT INTO idempotency_keys AS k
             (tenant_id, request_id, operation, request_hash, response, created_at, expires_at)
-        SELECT t, r, o, h, x::jsonb, %s, %s
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS u(t, r, o, h, x)
+        SELECT e->>0, e->>1, e->>2, e->>3, e->4, %s, %s
+        FROM jsonb_array_elements(%s::jsonb) AS u(e)
         ON CONFLICT (tenant_id, request_id) DO UPDATE
            SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash,
                response = EXCLUDED.response, created_at = EXCLUDED.created_at,
@@ -318,15 +313,7 @@ async def send_claims(
          WHERE k.expires_at <= EXCLUDED.created_at
         RETURNING 1
         """,
-        (
-            now,
-            expires_at,
-            [c[0] for c in claims],
-            [c[1] for c in claims],
-            [c[2] for c in claims],
-            [c[3] for c in claims],
-            [json.dumps(c[4]) for c in claims],
-        ),
+        (now, expires_at, _json([list(c) for c in claims])),
     )
 
     async def result() -> int:
