@@ -34,7 +34,7 @@ from billing_core.ids import new_id
 from billing_core.limits import Quota, Reason, Verdict, access_reason, decide
 from billing_core.periods import Window, tenant_zone, window_for
 from billing_core.pricing import ModelPrice, cost_micros
-from billing_core.resources import Overage
+from billing_core.resources import Overage, Period
 from billing_core.usage import ConsumeRequest, Decision
 from billing_core.wallet import LiveGrant, allocate_debit
 
@@ -63,13 +63,24 @@ class _Tenant:
     taken: dict[str, StoredKey] = field(default_factory=dict)  # live request_ids
     windows: dict[str, tuple[tuple[Quota, ...], tuple[Window, ...]]] = field(default_factory=dict)
 
-    def plan(self, resource: str, now: datetime) -> tuple[tuple[Quota, ...], tuple[Window, ...]]:
+    def plan(
+        self, resource: str, now: datetime, shared: dict[tuple[Period, str, datetime], Window]
+    ) -> tuple[tuple[Quota, ...], tuple[Window, ...]]:
+        """The quotas of `resource` and their windows at `now`; `shared` caches windows
+        across the batch's tenants (daily/weekly depend on the timezone, monthly on the
+        anchor)."""
         found = self.windows.get(resource)
         if found is None:
             quotas = self.ctx.quotas.get(resource, ())
-            zone = tenant_zone(self.ctx.timezone)
-            windows = tuple(window_for(q.period, now, zone, self.ctx.anchor) for q in quotas)
-            found = self.windows[resource] = (quotas, windows)
+            windows = []
+            for q in quotas:
+                key = (q.period, self.ctx.timezone, self.ctx.anchor)
+                window = shared.get(key)
+                if window is None:
+                    zone = tenant_zone(self.ctx.timezone)
+                    window = shared[key] = window_for(q.period, now, zone, self.ctx.anchor)
+                windows.append(window)
+            found = self.windows[resource] = (quotas, tuple(windows))
         return found
 
 
@@ -105,6 +116,7 @@ async def decide_batch(
     stored = await keys_p() if keys_p else {}
 
     tenants: dict[str, _Tenant] = {}
+    shared: dict[tuple[Period, str, datetime], Window] = {}
     one_by_one: list[int] = []
     fast: list[int] = []
     for i, req in enumerate(reqs):
@@ -125,7 +137,7 @@ async def decide_batch(
     for i in fast:
         req = reqs[i]
         state = tenants[req.tenant_id]
-        quotas, windows = state.plan(req.resource, now)
+        quotas, windows = state.plan(req.resource, now, shared)
         lock_keys += [(req.tenant_id, req.resource, w.period, w.start) for w in windows]
         if (
             not req.dry_run
@@ -156,7 +168,7 @@ async def decide_batch(
         state = tenants[req.tenant_id]
         result: Decision | QuotaError
         try:
-            result = _decide_one(state, req, now, prices, past_due_grace, writes)
+            result = _decide_one(state, req, now, prices, past_due_grace, writes, shared)
         except QuotaError as exc:
             result = exc
         results[i] = result
@@ -205,6 +217,7 @@ def _decide_one(
     prices: dict[tuple[str, str], ModelPrice],
     past_due_grace: timedelta,
     writes: _Writes,
+    shared: dict[tuple[Period, str, datetime], Window],
 ) -> Decision:
     """One request, as QuotaEngine._admit decides it, against the batch's state so far."""
     fingerprint = ""
@@ -229,7 +242,7 @@ def _decide_one(
                 f"set one with PUT /v1/model-prices/{req.tokens.provider}/{req.tokens.model}"
             )
         cost = cost_micros(req.tokens, price)
-    quotas, windows = state.plan(req.resource, now)
+    quotas, windows = state.plan(req.resource, now, shared)
     counts = state.counts
     reason = access_reason(ctx.access, now, past_due_grace)
     if reason is not Reason.ALLOWED or not quotas:

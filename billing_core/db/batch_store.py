@@ -75,10 +75,11 @@ async def send_live_keys(
         """
         SELECT k.tenant_id, k.request_id, k.operation, k.request_hash, k.response
         FROM idempotency_keys k
-        JOIN unnest(%s::text[], %s::text[]) AS u(t, r) ON k.tenant_id = u.t AND k.request_id = u.r
+        JOIN jsonb_array_elements(%s::jsonb) AS u(e)
+          ON k.tenant_id = u.e->>0 AND k.request_id = u.e->>1
         WHERE k.expires_at > %s
         """,
-        ([k[0] for k in keys], [k[1] for k in keys], now),
+        (_json(keys), now),
     )
 
     async def result() -> dict[tuple[str, str], StoredKey]:
@@ -89,6 +90,10 @@ async def send_live_keys(
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
+
+
+def _keys_json(keys: Sequence[TenantKey]) -> str:
+    return _json([[t, r, p.value, w.isoformat()] for t, r, p, w in keys])
 
 
 def _order(key: TenantKey) -> tuple[str, str, int, datetime]:
@@ -104,18 +109,14 @@ async def send_lock_counters(
     cur = await conn.execute(
         """
         INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start)
-        SELECT t, r, p, w
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[]) AS u(t, r, p, w)
+        SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz
+        FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS u(e, n)
+        ORDER BY n
         ON CONFLICT (tenant_id, resource, period, window_start)
         DO UPDATE SET used = c.used
         RETURNING tenant_id, resource, period, window_start, used, reserved, xmax = 0
         """,
-        (
-            [k[0] for k in ordered],
-            [k[1] for k in ordered],
-            [k[2].value for k in ordered],
-            [k[3] for k in ordered],
-        ),
+        (_keys_json(ordered),),
     )
 
     async def result() -> dict[TenantKey, tuple[int, int, bool]]:
@@ -161,19 +162,13 @@ async def add_to_counters(conn: Conn, deltas: Mapping[TenantKey, tuple[int, int]
         return
     await conn.execute(
         """
-        UPDATE usage_counters c SET used = c.used + u.du, reserved = c.reserved + u.dr
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::bigint[],
-                    %s::bigint[]) AS u(t, r, p, w, du, dr)
-        WHERE c.tenant_id = u.t AND c.resource = u.r AND c.period = u.p AND c.window_start = u.w
+        UPDATE usage_counters c
+           SET used = c.used + (u.e->>4)::bigint, reserved = c.reserved + (u.e->>5)::bigint
+        FROM jsonb_array_elements(%s::jsonb) AS u(e)
+        WHERE c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
+          AND c.window_start = (u.e->>3)::timestamptz
         """,
-        (
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [k[2].value for k in keys],
-            [k[3] for k in keys],
-            [deltas[k][0] for k in keys],
-            [deltas[k][1] for k in keys],
-        ),
+        (_json([[t, r, p.value, w.isoformat(), *deltas[(t, r, p, w)]] for t, r, p, w in keys]),),
     )
 
 
@@ -184,16 +179,11 @@ async def drop_counters(conn: Conn, keys: Sequence[TenantKey]) -> None:
     await conn.execute(
         """
         DELETE FROM usage_counters c
-        USING unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[]) AS u(t, r, p, w)
-        WHERE c.tenant_id = u.t AND c.resource = u.r AND c.period = u.p AND c.window_start = u.w
-          AND c.used = 0 AND c.reserved = 0
+        USING jsonb_array_elements(%s::jsonb) AS u(e)
+        WHERE c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
+          AND c.window_start = (u.e->>3)::timestamptz AND c.used = 0 AND c.reserved = 0
         """,
-        (
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [k[2].value for k in keys],
-            [k[3] for k in keys],
-        ),
+        (_keys_json(keys),),
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from quota_client import AsyncQuotaClient
 
@@ -202,3 +203,40 @@ async def test_the_coalescing_sidecar_is_exact_under_64_callers(
     assert used == records == 1000
     # requests really shared transactions
     assert sidecar.coalescer.batches - before < 64 * 20 * 2
+
+
+async def test_a_twin_committed_meanwhile_is_replayed_not_counted_twice(
+    pool: Pool, uid: str
+) -> None:
+    """Another transaction (another sidecar) takes a request_id while the batch decides:
+    the batch notices at its claim, rolls back and decides one by one, replaying the twin."""
+    clock = FrozenClock(START)
+    engine = QuotaEngine(pool, clock, QuotaRules())
+    plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 10)])
+    t = await f.tenant(pool, START, f"twin-{uid}", plan)
+    twin = ConsumeRequest(t, "tool_calls", 3, "twin")
+    other = ConsumeRequest(t, "tool_calls", 1, "other")
+    answer = await engine.consume(ConsumeRequest(t, "tool_calls", 3, "seed"))
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO idempotency_keys (tenant_id, request_id, operation, request_hash,"
+            " response, created_at, expires_at) VALUES (%s, 'twin', 'consume', %s, %s, %s, %s)",
+            (t, twin.fingerprint("consume"), Jsonb(answer.to_json()), START,
+             START + timedelta(hours=1)),
+        )  # fmt: skip
+        batch = asyncio.create_task(engine.consume_batch([other, twin]))
+        await asyncio.sleep(0.3)
+        assert not batch.done()  # waiting on the uncommitted twin's key
+    first, second = await batch
+    assert isinstance(first, Decision) and first.allowed and not first.replayed
+    assert isinstance(second, Decision) and second.replayed
+    assert second.usage_record_id == answer.usage_record_id
+    [(used, records)] = await f.fetch(
+        pool,
+        "SELECT (SELECT sum(used) FROM usage_counters WHERE tenant_id = %s),"
+        " (SELECT count(*) FROM usage_records WHERE tenant_id = %s)",
+        t,
+        t,
+    )
+    # the seed and `other`: the twin's owner (here the seed stands in for it) counted it once
+    assert (used, records) == (3 + 1, 2)
