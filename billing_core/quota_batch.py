@@ -23,12 +23,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
 
 from billing_core import decisions
 from billing_core.db import batch_store as bs
-from billing_core.db.batch_store import StoredKey, TenantKey
-from billing_core.db.quota_store import Conn, CounterKey, PlanOffer, TenantContext, UsageRecordRow
+from billing_core.db.batch_store import BatchWrites, StoredKey, TenantKey
+from billing_core.db.quota_store import Conn, CounterKey, PlanOffer, TenantContext
 from billing_core.errors import InvalidRequest, NotFound, QuotaError
 from billing_core.ids import new_id
 from billing_core.limits import Quota, Reason, Verdict, access_reason, decide
@@ -82,17 +81,6 @@ class _Tenant:
                 windows.append(window)
             found = self.windows[resource] = (quotas, tuple(windows))
         return found
-
-
-@dataclass(slots=True)
-class _Writes:
-    deltas: dict[TenantKey, tuple[int, int]] = field(default_factory=dict)
-    records: list[tuple[str, UsageRecordRow]] = field(default_factory=list)
-    debits: list[tuple[str, str, int]] = field(default_factory=list)
-    ledger: list[tuple[str, str, str, int, str | None, str]] = field(default_factory=list)
-    wallets: dict[str, tuple[int, int]] = field(default_factory=dict)
-    notes: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list)
-    claims: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list)
 
 
 async def decide_batch(
@@ -160,7 +148,7 @@ async def decide_batch(
             tenants[t].wallet = wallet
             tenants[t].grants = grants.get(t, [])
 
-    writes = _Writes()
+    writes = BatchWrites()
     results: dict[int, Decision | QuotaError] = {}
     denials: list[int] = []
     for i in fast:
@@ -175,18 +163,8 @@ async def decide_batch(
         if isinstance(result, Decision) and not result.allowed and not result.replayed:
             denials.append(i)
 
-    await bs.add_to_counters(conn, writes.deltas)
-    await bs.drop_counters(conn, [k for k in created if k not in writes.deltas])
-    await bs.insert_usage_records(conn, writes.records)
-    await bs.debit_grants(conn, writes.debits)
-    await bs.insert_ledger(conn, writes.ledger, now)
-    await bs.set_wallets(conn, writes.wallets, now)
-    await bs.insert_notifications(conn, writes.notes, now)
-    claims_p = (
-        await bs.send_claims(conn, writes.claims, now, now + idempotency_ttl)
-        if writes.claims
-        else None
-    )
+    writes.dropped = [k for k in created if k not in writes.deltas]
+    writes_p = await bs.send_writes(conn, writes, now, now + idempotency_ttl)
     wanted = sorted(
         {
             (reqs[i].resource, _current_plan(results[i]))
@@ -196,7 +174,7 @@ async def decide_batch(
         key=lambda w: (w[0], w[1] or ""),
     )
     offers_p = await bs.send_offers(conn, wanted) if wanted else None
-    if claims_p is not None and await claims_p() != len(writes.claims):
+    if await writes_p() != len(writes.claims):
         raise ClaimRace("a request_id of the batch was taken by another transaction")
     offers: dict[tuple[str, str | None], list[PlanOffer]] = await offers_p() if offers_p else {}
     for i in denials:
@@ -216,7 +194,7 @@ def _decide_one(
     now: datetime,
     prices: dict[tuple[str, str], ModelPrice],
     past_due_grace: timedelta,
-    writes: _Writes,
+    writes: BatchWrites,
     shared: dict[tuple[Period, str, datetime], Window],
 ) -> Decision:
     """One request, as QuotaEngine._admit decides it, against the batch's state so far."""
@@ -277,7 +255,7 @@ def _apply(
     answer: Decision,
     fingerprint: str,
     now: datetime,
-    writes: _Writes,
+    writes: BatchWrites,
 ) -> Decision:
     tenant_id = req.tenant_id
     for note in decisions.thresholds(quotas, windows, state.counts, req.resource, req.amount):

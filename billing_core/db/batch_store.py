@@ -9,7 +9,8 @@ quota_store (counters → wallet row → grants), by tenant first.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -92,8 +93,18 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+def _key_json(key: TenantKey) -> list[str]:
+    return [key[0], key[1], key[2].value, key[3].isoformat()]
+
+
 def _keys_json(keys: Sequence[TenantKey]) -> str:
-    return _json([[t, r, p.value, w.isoformat()] for t, r, p, w in keys])
+    return _json([_key_json(k) for k in keys])
+
+
+def _record_json(tenant_id: str, r: UsageRecordRow) -> list[Any]:
+    return [tenant_id, r.usage_record_id, r.resource, r.amount, r.kind, r.request_id,
+            r.reservation_id, r.plan_id, r.provider, r.model, r.input_tokens, r.output_tokens,
+            r.cost_micros, r.wallet_charged_micros, r.over_limit, dict(r.labels)]  # fmt: skip
 
 
 def _order(key: TenantKey) -> tuple[str, str, int, datetime]:
@@ -156,158 +167,116 @@ async def send_lock_wallets(
 # --- writes ------------------------------------------------------------------------------
 
 
-async def add_to_counters(conn: Conn, deltas: Mapping[TenantKey, tuple[int, int]]) -> None:
-    keys = sorted((k for k, d in deltas.items() if d != (0, 0)), key=_order)
-    if not keys:
-        return
-    await conn.execute(
-        """
-        UPDATE usage_counters c
-           SET used = c.used + (u.e->>4)::bigint, reserved = c.reserved + (u.e->>5)::bigint
-        FROM jsonb_array_elements(%s::jsonb) AS u(e)
-        WHERE c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
-          AND c.window_start = (u.e->>3)::timestamptz
-        """,
-        (_json([[t, r, p.value, w.isoformat(), *deltas[(t, r, p, w)]] for t, r, p, w in keys]),),
-    )
+@dataclass(slots=True)
+class BatchWrites:
+    """Everything a batch writes, applied by one statement (send_writes)."""
+
+    deltas: dict[TenantKey, tuple[int, int]] = field(default_factory=dict)
+    dropped: list[TenantKey] = field(default_factory=list)  # created, then nothing used them
+    records: list[tuple[str, UsageRecordRow]] = field(default_factory=list)
+    debits: list[tuple[str, str, int]] = field(default_factory=list)  # tenant, grant, micros
+    # tenant, grant, kind, delta_micros, usage_record_id, reason — in order
+    ledger: list[tuple[str, str, str, int, str | None, str]] = field(default_factory=list)
+    wallets: dict[str, tuple[int, int]] = field(default_factory=dict)  # balance, held
+    # tenant, kind, dedupe_key, message, details — the first of a key wins
+    notes: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list)
+    # tenant, request_id, operation, request_hash, response
+    claims: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list)
 
 
-async def drop_counters(conn: Conn, keys: Sequence[TenantKey]) -> None:
-    """Remove counter rows this transaction created but nothing used (as if never locked)."""
-    if not keys:
-        return
-    await conn.execute(
-        """
-        DELETE FROM usage_counters c
-        USING jsonb_array_elements(%s::jsonb) AS u(e)
-        WHERE c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
-          AND c.window_start = (u.e->>3)::timestamptz AND c.used = 0 AND c.reserved = 0
-        """,
-        (_keys_json(keys),),
-    )
+# One statement of data-modifying CTEs (each part gets '[]' when it has nothing to do).
+# They touch disjoint rows, so running them in one snapshot is the same as one by one;
+# the result is how many idempotency keys were taken — fewer than asked means another
+# transaction took one first.
+_WRITES_SQL = """
+WITH counters AS (
+    UPDATE usage_counters c
+       SET used = c.used + (u.e->>4)::bigint, reserved = c.reserved + (u.e->>5)::bigint
+    FROM jsonb_array_elements(%(deltas)s::jsonb) AS u(e)
+    WHERE c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
+      AND c.window_start = (u.e->>3)::timestamptz
+), dropped AS (
+    DELETE FROM usage_counters c
+    USING jsonb_array_elements(%(dropped)s::jsonb) AS u(e)
+    WHERE c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
+      AND c.window_start = (u.e->>3)::timestamptz AND c.used = 0 AND c.reserved = 0
+), records AS (
+    INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,
+        request_id, reservation_id, plan_id, provider, model, input_tokens, output_tokens,
+        cost_micros, wallet_charged_micros, over_limit, labels, occurred_at)
+    SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, e->>4, e->>5, e->>6, e->>7, e->>8, e->>9,
+           (e->>10)::bigint, (e->>11)::bigint, (e->>12)::bigint, (e->>13)::bigint,
+           (e->>14)::bool, e->15, %(now)s
+    FROM jsonb_array_elements(%(records)s::jsonb) WITH ORDINALITY AS u(e, n)
+    ORDER BY n
+), grants AS (
+    UPDATE wallet_grants g SET remaining_micros = g.remaining_micros - (u.e->>2)::bigint
+    FROM jsonb_array_elements(%(debits)s::jsonb) AS u(e)
+    WHERE g.tenant_id = u.e->>0 AND g.grant_id = u.e->>1
+), ledger AS (
+    INSERT INTO wallet_ledger (tenant_id, grant_id, kind, delta_micros, usage_record_id,
+                               reason, created_at)
+    SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, e->>4, e->>5, %(now)s
+    FROM jsonb_array_elements(%(ledger)s::jsonb) WITH ORDINALITY AS u(e, n)
+    ORDER BY n
+), wallets AS (
+    UPDATE wallets w SET balance_micros = (u.e->>1)::bigint, held_micros = (u.e->>2)::bigint,
+                         updated_at = %(now)s
+    FROM jsonb_array_elements(%(wallets)s::jsonb) AS u(e)
+    WHERE w.tenant_id = u.e->>0
+), notes AS (
+    INSERT INTO notifications (tenant_id, kind, dedupe_key, message, details, created_at)
+    SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s
+    FROM jsonb_array_elements(%(notes)s::jsonb) WITH ORDINALITY AS u(e, n)
+    ORDER BY n
+    ON CONFLICT (tenant_id, dedupe_key) DO NOTHING
+), claims AS (
+    INSERT INTO idempotency_keys AS k
+        (tenant_id, request_id, operation, request_hash, response, created_at, expires_at)
+    SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s, %(expires)s
+    FROM jsonb_array_elements(%(claims)s::jsonb) AS u(e)
+    ON CONFLICT (tenant_id, request_id) DO UPDATE
+       SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash,
+           response = EXCLUDED.response, created_at = EXCLUDED.created_at,
+           expires_at = EXCLUDED.expires_at
+     WHERE k.expires_at <= EXCLUDED.created_at
+    RETURNING 1
+)
+SELECT count(*) FROM claims
+"""
 
 
-async def insert_usage_records(conn: Conn, rows: Sequence[tuple[str, UsageRecordRow]]) -> None:
-    if not rows:
-        return
-    payload = [
-        [tenant_id, r.usage_record_id, r.resource, r.amount, r.kind, r.request_id,
-         r.reservation_id, r.plan_id, r.provider, r.model, r.input_tokens, r.output_tokens,
-         r.cost_micros, r.wallet_charged_micros, r.over_limit, dict(r.labels),
-         r.occurred_at.isoformat()]
-        for tenant_id, r in rows
-    ]  # fmt: skip
-    # one JSON document, not 17 arrays: psycopg escapes array elements one by one in Python
-    await conn.execute(
-        """
-        INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,
-            request_id, reservation_id, plan_id, provider, model, input_tokens, output_tokens,
-            cost_micros, wallet_charged_micros, over_limit, labels, occurred_at)
-        SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, e->>4, e->>5, e->>6, e->>7, e->>8, e->>9,
-               (e->>10)::bigint, (e->>11)::bigint, (e->>12)::bigint, (e->>13)::bigint,
-               (e->>14)::bool, e->15, (e->>16)::timestamptz
-        FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS u(e, n)
-        ORDER BY n
-        """,
-        (_json(payload),),
-    )
-
-
-async def debit_grants(conn: Conn, taken: Sequence[tuple[str, str, int]]) -> None:
-    """(tenant_id, grant_id, micros) each, summed per grant."""
-    total: dict[tuple[str, str], int] = {}
-    for tenant_id, grant_id, micros in taken:
-        total[(tenant_id, grant_id)] = total.get((tenant_id, grant_id), 0) + micros
-    if not total:
-        return
-    keys = sorted(total)
-    await conn.execute(
-        "UPDATE wallet_grants g SET remaining_micros = g.remaining_micros - u.m"
-        " FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS u(t, id, m)"
-        " WHERE g.tenant_id = u.t AND g.grant_id = u.id",
-        ([k[0] for k in keys], [k[1] for k in keys], [total[k] for k in keys]),
-    )
-
-
-async def insert_ledger(
-    conn: Conn, entries: Sequence[tuple[str, str, str, int, str | None, str]], now: datetime
-) -> None:
-    """(tenant_id, grant_id, kind, delta_micros, usage_record_id, reason) each, in order."""
-    if not entries:
-        return
-    await conn.execute(
-        """
-        INSERT INTO wallet_ledger (tenant_id, grant_id, kind, delta_micros, usage_record_id,
-                                   reason, created_at)
-        SELECT t, g, k, d, u, r, %s
-        FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[])
-             WITH ORDINALITY AS e(t, g, k, d, u, r, n)
-        ORDER BY n
-        """,
-        (now, *([e[i] for e in entries] for i in range(6))),
-    )
-
-
-async def set_wallets(conn: Conn, wallets: Mapping[str, tuple[int, int]], now: datetime) -> None:
-    """(balance, held) micros per tenant whose wallet this transaction has locked."""
-    if not wallets:
-        return
-    tenants = sorted(wallets)
-    await conn.execute(
-        "UPDATE wallets w SET balance_micros = u.b, held_micros = u.h, updated_at = %s"
-        " FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS u(t, b, h)"
-        " WHERE w.tenant_id = u.t",
-        (now, tenants, [wallets[t][0] for t in tenants], [wallets[t][1] for t in tenants]),
-    )
-
-
-async def insert_notifications(
-    conn: Conn, rows: Sequence[tuple[str, str, str, str, dict[str, Any]]], now: datetime
-) -> None:
-    """(tenant_id, kind, dedupe_key, message, details) each; the first of a key wins."""
-    first: dict[tuple[str, str], tuple[str, str, str, str, dict[str, Any]]] = {}
-    for row in rows:
-        first.setdefault((row[0], row[2]), row)
-    if not first:
-        return
-    await conn.execute(
-        """
-        INSERT INTO notifications (tenant_id, kind, dedupe_key, message, details, created_at)
-        SELECT e->>0, e->>1, e->>2, e->>3, e->4, %s
-        FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS u(e, n)
-        ORDER BY n
-        ON CONFLICT (tenant_id, dedupe_key) DO NOTHING
-        """,
-        (now, _json([list(r) for r in first.values()])),
-    )
-
-
-async def send_claims(
-    conn: Conn,
-    claims: Sequence[tuple[str, str, str, str, dict[str, Any]]],
-    now: datetime,
-    expires_at: datetime,
+async def send_writes(
+    conn: Conn, w: BatchWrites, now: datetime, expires_at: datetime
 ) -> Pending[int]:
-    """Store (tenant_id, request_id, operation, request_hash, response) keys; the result is
-    how many were taken — fewer than asked means another transaction took one first."""
+    """Apply a batch's writes (rows locked by this transaction); the result is the number of
+    idempotency keys taken. All records of a batch occur at `now`."""
+    deltas = sorted((k for k, d in w.deltas.items() if d != (0, 0)), key=_order)
+    debits: dict[tuple[str, str], int] = {}
+    for tenant_id, grant_id, micros in w.debits:
+        debits[(tenant_id, grant_id)] = debits.get((tenant_id, grant_id), 0) + micros
+    notes: dict[tuple[str, str], tuple[str, str, str, str, dict[str, Any]]] = {}
+    for note in w.notes:
+        notes.setdefault((note[0], note[2]), note)
     cur = await conn.execute(
-        """
-        INSERT INTO idempotency_keys AS k
-            (tenant_id, request_id, operation, request_hash, response, created_at, expires_at)
-        SELECT e->>0, e->>1, e->>2, e->>3, e->4, %s, %s
-        FROM jsonb_array_elements(%s::jsonb) AS u(e)
-        ON CONFLICT (tenant_id, request_id) DO UPDATE
-           SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash,
-               response = EXCLUDED.response, created_at = EXCLUDED.created_at,
-               expires_at = EXCLUDED.expires_at
-         WHERE k.expires_at <= EXCLUDED.created_at
-        RETURNING 1
-        """,
-        (now, expires_at, _json([list(c) for c in claims])),
+        _WRITES_SQL,
+        {
+            "now": now,
+            "expires": expires_at,
+            "deltas": _json([[*_key_json(k), *w.deltas[k]] for k in deltas]),
+            "dropped": _keys_json(w.dropped),
+            "records": _json([_record_json(t, r) for t, r in w.records]),
+            "debits": _json([[t, g, m] for (t, g), m in sorted(debits.items())]),
+            "ledger": _json([list(e) for e in w.ledger]),
+            "wallets": _json([[t, b, h] for t, (b, h) in sorted(w.wallets.items())]),
+            "notes": _json([list(n) for n in notes.values()]),
+            "claims": _json([list(c) for c in w.claims]),
+        },
     )
 
     async def result() -> int:
-        return len(await cur.fetchall())
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     return result
 
