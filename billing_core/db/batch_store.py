@@ -56,10 +56,16 @@ async def send_prices(
                m.input_micros_per_million, m.output_micros_per_million
         FROM model_prices m
         JOIN unnest(%s::text[], %s::text[]) AS u(p, mo) ON m.provider = u.p AND m.model = u.mo
-        WHERE m.effective_from <= %s
+        WHERE m.provider = ANY(%s) AND m.model = ANY(%s) AND m.effective_from <= %s
         ORDER BY m.provider, m.model, m.effective_from DESC
         """,
-        ([m[0] for m in models], [m[1] for m in models], now),
+        (
+            [m[0] for m in models],
+            [m[1] for m in models],
+            [m[0] for m in models],
+            [m[1] for m in models],
+            now,
+        ),
     )
 
     async def result() -> dict[tuple[str, str], ModelPrice]:
@@ -72,19 +78,19 @@ async def send_live_keys(
     conn: Conn, keys: Sequence[tuple[str, str]], now: datetime
 ) -> Pending[dict[tuple[str, str], StoredKey]]:
     """Idempotency keys still live at `now` among (tenant_id, request_id) pairs."""
+    # both primary-key columns as arrays: always an index scan, whatever the table's size
+    # (a join against a JSON or array parameter can be planned as a full scan); the
+    # cross product it may return is narrowed to the wanted pairs here
     cur = await conn.execute(
-        """
-        SELECT k.tenant_id, k.request_id, k.operation, k.request_hash, k.response
-        FROM idempotency_keys k
-        JOIN jsonb_array_elements(%s::jsonb) AS u(e)
-          ON k.tenant_id = u.e->>0 AND k.request_id = u.e->>1
-        WHERE k.expires_at > %s
-        """,
-        (_json(keys), now),
+        "SELECT tenant_id, request_id, operation, request_hash, response FROM idempotency_keys"
+        " WHERE tenant_id = ANY(%s) AND request_id = ANY(%s) AND expires_at > %s",
+        (sorted({k[0] for k in keys}), sorted({k[1] for k in keys}), now),
     )
+    wanted = set(keys)
 
     async def result() -> dict[tuple[str, str], StoredKey]:
-        return {(r[0], r[1]): (r[2], r[3], r[4]) for r in await cur.fetchall()}
+        rows = await cur.fetchall()
+        return {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows if (r[0], r[1]) in wanted}
 
     return result
 
@@ -185,20 +191,24 @@ class BatchWrites:
 
 
 # One statement of data-modifying CTEs (each part gets '[]' when it has nothing to do).
-# They touch disjoint rows, so running them in one snapshot is the same as one by one;
+# They touch disjoint rows, so running them in one snapshot is the same as one by one.
+# Every part finds its rows through a primary key with array conditions (or ON CONFLICT),
+# so no part can be planned as a full scan of a big table;
 # the result is how many idempotency keys were taken — fewer than asked means another
 # transaction took one first.
 _WRITES_SQL = """
 WITH counters AS (
-    UPDATE usage_counters c
-       SET used = c.used + (u.e->>4)::bigint, reserved = c.reserved + (u.e->>5)::bigint
-    FROM jsonb_array_elements(%(deltas)s::jsonb) AS u(e)
-    WHERE c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
-      AND c.window_start = (u.e->>3)::timestamptz
+    INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start, used, reserved)
+    SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz, (e->>4)::bigint, (e->>5)::bigint
+    FROM jsonb_array_elements(%(deltas)s::jsonb) WITH ORDINALITY AS u(e, n)
+    ORDER BY n
+    ON CONFLICT (tenant_id, resource, period, window_start)
+    DO UPDATE SET used = c.used + EXCLUDED.used, reserved = c.reserved + EXCLUDED.reserved
 ), dropped AS (
     DELETE FROM usage_counters c
     USING jsonb_array_elements(%(dropped)s::jsonb) AS u(e)
-    WHERE c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
+    WHERE c.tenant_id = ANY(%(dropped_tenants)s) AND c.window_start = ANY(%(dropped_starts)s)
+      AND c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
       AND c.window_start = (u.e->>3)::timestamptz AND c.used = 0 AND c.reserved = 0
 ), records AS (
     INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,
@@ -212,7 +222,8 @@ WITH counters AS (
 ), grants AS (
     UPDATE wallet_grants g SET remaining_micros = g.remaining_micros - (u.e->>2)::bigint
     FROM jsonb_array_elements(%(debits)s::jsonb) AS u(e)
-    WHERE g.tenant_id = u.e->>0 AND g.grant_id = u.e->>1
+    WHERE g.tenant_id = ANY(%(debit_tenants)s) AND g.grant_id = ANY(%(debit_grants)s)
+      AND g.tenant_id = u.e->>0 AND g.grant_id = u.e->>1
 ), ledger AS (
     INSERT INTO wallet_ledger (tenant_id, grant_id, kind, delta_micros, usage_record_id,
                                reason, created_at)
@@ -223,7 +234,7 @@ WITH counters AS (
     UPDATE wallets w SET balance_micros = (u.e->>1)::bigint, held_micros = (u.e->>2)::bigint,
                          updated_at = %(now)s
     FROM jsonb_array_elements(%(wallets)s::jsonb) AS u(e)
-    WHERE w.tenant_id = u.e->>0
+    WHERE w.tenant_id = ANY(%(wallet_tenants)s) AND w.tenant_id = u.e->>0
 ), notes AS (
     INSERT INTO notifications (tenant_id, kind, dedupe_key, message, details, created_at)
     SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s
@@ -265,6 +276,11 @@ async def send_writes(
             "expires": expires_at,
             "deltas": _json([[*_key_json(k), *w.deltas[k]] for k in deltas]),
             "dropped": _keys_json(w.dropped),
+            "dropped_tenants": sorted({k[0] for k in w.dropped}),
+            "dropped_starts": sorted({k[3] for k in w.dropped}),
+            "debit_tenants": sorted({t for t, _ in debits}),
+            "debit_grants": sorted({g for _, g in debits}),
+            "wallet_tenants": sorted(w.wallets),
             "records": _json([_record_json(t, r) for t, r in w.records]),
             "debits": _json([[t, g, m] for (t, g), m in sorted(debits.items())]),
             "ledger": _json([list(e) for e in w.ledger]),
