@@ -23,6 +23,8 @@ class TokenUsage:
             raise InvalidRequest("tokens.provider and tokens.model are required with tokens")
         if self.input_tokens < 0 or self.output_tokens < 0:
             raise InvalidRequest("tokens.input_tokens and tokens.output_tokens must be >= 0")
+        if "\x00" in self.provider + self.model:
+            raise InvalidRequest("tokens.provider and tokens.model must not contain NUL characters")
         return self
 
 

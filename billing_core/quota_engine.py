@@ -147,6 +147,8 @@ class QuotaEngine:
                 valid.append(i)
             except QuotaError as exc:
                 results[i] = exc
+        if not valid:
+            return [results[i] for i in range(len(reqs))]
 
         async def work(conn: Conn) -> dict[int, Decision | QuotaError]:
             batch = [reqs[i] for i in valid]
@@ -176,6 +178,9 @@ class QuotaEngine:
                     results[i] = await self.consume(reqs[i])
                 except QuotaError as exc:
                     results[i] = exc
+                except psycopg.Error as exc:  # this request alone: its neighbours stand
+                    log.error("consume_failed", tenant_id=reqs[i].tenant_id, error=str(exc))
+                    results[i] = Unavailable(f"the database refused the request: {exc}")
         return [results[i] for i in range(len(reqs))]
 
     async def reserve(self, req: ReserveRequest) -> Decision:

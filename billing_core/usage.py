@@ -25,9 +25,15 @@ MAX_TTL_SECONDS = 3600
 _EMPTY: Mapping[str, str] = {}
 
 
+def _require_text(name: str, value: str) -> None:
+    if "\x00" in value:
+        raise InvalidRequest(f"{name} must not contain NUL characters")
+
+
 def _require_tenant(tenant_id: str) -> None:
     if not tenant_id or len(tenant_id) > 128:
         raise InvalidRequest("tenant_id is required (at most 128 characters)")
+    _require_text("tenant_id", tenant_id)
 
 
 def _require_amount(amount: int) -> None:
@@ -38,6 +44,7 @@ def _require_amount(amount: int) -> None:
 def _require_request_id(request_id: str) -> None:
     if not request_id or len(request_id) > MAX_REQUEST_ID:
         raise InvalidRequest("request_id is required (the idempotency key, at most 128 characters)")
+    _require_text("request_id", request_id)
 
 
 def _require_labels(labels: Mapping[str, str]) -> None:
@@ -48,11 +55,13 @@ def _require_labels(labels: Mapping[str, str]) -> None:
             raise InvalidRequest(
                 f"label keys must be non-empty; keys and values ≤ {MAX_LABEL_CHARS}"
             )
+        _require_text("labels", key + value)
 
 
 def _require_reservation_id(reservation_id: str) -> None:
     if not reservation_id or len(reservation_id) > 40:
         raise InvalidRequest("reservation_id is required")
+    _require_text("reservation_id", reservation_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,8 @@ async def test_reserve_context_manager_commits_or_releases(
         ("unknown-reservation", grpc.StatusCode.NOT_FOUND, "unknown reservation"),
         ("free-not-cumulative", grpc.StatusCode.INVALID_ARGUMENT, "no cumulative quota"),
         ("ttl-too-long", grpc.StatusCode.INVALID_ARGUMENT, "ttl_seconds"),
+        ("nul-label", grpc.StatusCode.INVALID_ARGUMENT, "labels must not contain NUL"),
+        ("nul-request-id", grpc.StatusCode.INVALID_ARGUMENT, "request_id must not contain NUL"),
     ],
 )
 async def test_status_codes(
@@ -114,6 +116,16 @@ async def test_status_codes(
             ),
             "no-tenant": lambda: stub.CheckAndConsume(
                 pb.CheckAndConsumeRequest(resource="messages", amount=1, request_id="x")
+            ),
+            "nul-label": lambda: stub.CheckAndConsume(
+                pb.CheckAndConsumeRequest(
+                    tenant_id=t, resource="messages", amount=1, request_id="x", labels={"a": "\x00"}
+                )
+            ),
+            "nul-request-id": lambda: stub.CheckAndConsume(
+                pb.CheckAndConsumeRequest(
+                    tenant_id=t, resource="messages", amount=1, request_id="x\x00"
+                )
             ),
             "bad-resource": lambda: stub.CheckAndConsume(
                 pb.CheckAndConsumeRequest(tenant_id=t, resource="gold", amount=1, request_id="x")
