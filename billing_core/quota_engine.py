@@ -172,15 +172,17 @@ class QuotaEngine:
             results.update(await self._run(work))
         except Unavailable as exc:
             results.update({i: exc for i in valid})  # one by one would not fare better
-        except (psycopg.Error, ClaimRace):
+        except Exception as exc:  # decide one by one: one bad request never fails the rest
+            if not isinstance(exc, psycopg.Error | ClaimRace):
+                log.exception("batch_failed", requests=len(valid))
             for i in valid:
                 try:
                     results[i] = await self.consume(reqs[i])
-                except QuotaError as exc:
-                    results[i] = exc
-                except psycopg.Error as exc:  # this request alone: its neighbours stand
-                    log.error("consume_failed", tenant_id=reqs[i].tenant_id, error=str(exc))
-                    results[i] = Unavailable(f"the database refused the request: {exc}")
+                except QuotaError as err:
+                    results[i] = err
+                except psycopg.Error as err:  # this request alone: its neighbours stand
+                    log.error("consume_failed", tenant_id=reqs[i].tenant_id, error=str(err))
+                    results[i] = Unavailable(f"the database refused the request: {err}")
         return [results[i] for i in range(len(reqs))]
 
     async def reserve(self, req: ReserveRequest) -> Decision:

@@ -7,12 +7,14 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from quota_client import AsyncQuotaClient
 
+from billing_core import quota_engine
 from billing_core.catalog import quota
 from billing_core.clock import FrozenClock
 from billing_core.errors import QuotaError
@@ -240,3 +242,27 @@ async def test_a_twin_committed_meanwhile_is_replayed_not_counted_twice(
     )
     # the seed and `other`: the twin's owner (here the seed stands in for it) counted it once
     assert (used, records) == (3 + 1, 2)
+
+
+async def test_a_failing_batch_is_decided_one_by_one(
+    pool: Pool, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever breaks the set-based path, every caller still gets its own answer."""
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the batch path")
+
+    monkeypatch.setattr(quota_engine, "decide_batch", broken)
+    engine = QuotaEngine(pool, FrozenClock(START), QuotaRules())
+    plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 2)])
+    t = await f.tenant(pool, START, f"broken-{uid}", plan)
+    results = await engine.consume_batch(
+        [ConsumeRequest(t, "tool_calls", 1, f"b{i}") for i in range(3)]
+        + [ConsumeRequest(f"ghost-{uid}", "tool_calls", 1, "g")]
+    )
+    assert [r.allowed if isinstance(r, Decision) else type(r).__name__ for r in results] == [
+        True,
+        True,
+        False,
+        "NotFound",
+    ]
