@@ -8,16 +8,18 @@ counts, which is what lets a batch decide exactly like one-by-one calls.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from billing_core.db.quota_store import CounterKey, PlanOffer, TenantContext, UsageRecordRow
+from billing_core.errors import InvalidRequest
 from billing_core.limits import (
     Quota,
     Reason,
     Verdict,
     WindowCount,
     WindowState,
+    access_reason,
     crossed_thresholds,
     denial_message,
     window_state,
@@ -28,6 +30,26 @@ from billing_core.usage import ConsumeRequest, Decision, WindowView
 
 Counts = Mapping[CounterKey, tuple[int, int]]
 Notification = tuple[str, str, str, dict[str, Any]]  # kind, dedupe_key, message, details
+
+
+def gate(
+    ctx: TenantContext, quotas: Sequence[Quota], now: datetime, past_due_grace: timedelta
+) -> Verdict | None:
+    """The verdict when the subscription or the plan decides alone (no access, or no quota
+    for the resource); None when the windows must decide."""
+    reason = access_reason(ctx.access, now, past_due_grace)
+    if reason is Reason.ALLOWED and quotas:
+        return None
+    if reason is Reason.ALLOWED and not ctx.unlimited:
+        reason = Reason.RESOURCE_NOT_IN_PLAN
+    return Verdict(reason is Reason.ALLOWED, reason)
+
+
+def reused_request_id(request_id: str, operation: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"request_id {request_id!r} was already used for a different request "
+        f"({operation}); use a new request_id for new work"
+    )
 
 
 def add_delta(

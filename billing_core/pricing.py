@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from billing_core.errors import InvalidRequest
+from billing_core.errors import InvalidRequest, NotFound
 
 MICROS_PER_UNIT = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000
@@ -44,3 +44,10 @@ def cost_micros(usage: TokenUsage, price: ModelPrice) -> int:
         + usage.output_tokens * price.output_micros_per_million
     )
     return -(-numerator // TOKENS_PER_PRICE_UNIT)
+
+
+def missing_price(provider: str, model: str, at: datetime) -> NotFound:
+    return NotFound(
+        f"no price for {provider}/{model} at {at.isoformat()}; "
+        f"set one with PUT /v1/model-prices/{provider}/{model}"
+    )

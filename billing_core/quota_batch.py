@@ -28,11 +28,11 @@ from billing_core import decisions
 from billing_core.db import batch_store as bs
 from billing_core.db.batch_store import BatchWrites, StoredKey, TenantKey
 from billing_core.db.quota_store import Conn, CounterKey, PlanOffer, TenantContext
-from billing_core.errors import InvalidRequest, NotFound, QuotaError
+from billing_core.errors import QuotaError
 from billing_core.ids import new_id
-from billing_core.limits import Quota, Reason, Verdict, access_reason, decide
+from billing_core.limits import Quota, Reason, decide
 from billing_core.periods import Window, tenant_zone, window_for
-from billing_core.pricing import ModelPrice, cost_micros
+from billing_core.pricing import ModelPrice, cost_micros, missing_price
 from billing_core.resources import Overage, Period
 from billing_core.usage import ConsumeRequest, Decision
 from billing_core.wallet import LiveGrant, allocate_debit
@@ -205,29 +205,19 @@ def _decide_one(
         if prior is not None:
             operation, request_hash, response = prior
             if request_hash != fingerprint:
-                raise InvalidRequest(
-                    f"request_id {req.request_id!r} was already used for a different request "
-                    f"({operation}); use a new request_id for new work"
-                )
+                raise decisions.reused_request_id(req.request_id, operation)
             return Decision.from_json(response, replayed=True)
     ctx = state.ctx
     cost = 0
     if req.tokens is not None:
         price = prices.get((req.tokens.provider, req.tokens.model))
         if price is None:
-            raise NotFound(
-                f"no price for {req.tokens.provider}/{req.tokens.model} at {now.isoformat()}; "
-                f"set one with PUT /v1/model-prices/{req.tokens.provider}/{req.tokens.model}"
-            )
+            raise missing_price(req.tokens.provider, req.tokens.model, now)
         cost = cost_micros(req.tokens, price)
     quotas, windows = state.plan(req.resource, now, shared)
     counts = state.counts
-    reason = access_reason(ctx.access, now, past_due_grace)
-    if reason is not Reason.ALLOWED or not quotas:
-        if reason is Reason.ALLOWED and not ctx.unlimited:
-            reason = Reason.RESOURCE_NOT_IN_PLAN
-        verdict = Verdict(reason is Reason.ALLOWED, reason)
-    else:
+    verdict = decisions.gate(ctx, quotas, now, past_due_grace)
+    if verdict is None:
         wcs = decisions.window_counts(quotas, windows, counts, req.resource)
         verdict = decide(wcs, req.amount, cost, NO_LIMIT, unlimited=ctx.unlimited)
         if verdict.allowed and verdict.charge_micros > 0:

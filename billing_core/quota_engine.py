@@ -205,7 +205,7 @@ class QuotaEngine:
                 if not ev.verdict.allowed:
                     raise _Denied(self._denial(ev, req, now))
                 if req.dry_run:
-                    raise _DryRun(self._answer(ev, req, now, applied=False))
+                    raise _DryRun(self._answer(ev, req))
                 decision = await self._apply(conn, ev, req, now, ttl)
                 await store.store_response(conn, req.tenant_id, req.request_id, decision.to_json())
                 return decision
@@ -238,10 +238,7 @@ class QuotaEngine:
             return None
         stored_op, stored_hash, response = await store.read_request_id(conn, tenant_id, request_id)
         if stored_hash != fingerprint:
-            raise InvalidRequest(
-                f"request_id {request_id!r} was already used for a different request "
-                f"({stored_op}); use a new request_id for new work"
-            )
+            raise decisions.reused_request_id(request_id, stored_op)
         return response
 
     async def _evaluate(self, conn: Conn, req: ConsumeRequest, now: datetime) -> _Evaluation:
@@ -252,13 +249,10 @@ class QuotaEngine:
         zone = tenant_zone(ctx.timezone)
         windows = tuple(window_for(q.period, now, zone, ctx.anchor) for q in quotas)
         keys = [(req.resource, w.period, w.start) for w in windows]
-        reason = access_reason(ctx.access, now, self._rules.past_due_grace)
-        if reason is not Reason.ALLOWED or not quotas:
-            if reason is Reason.ALLOWED and not ctx.unlimited:
-                reason = Reason.RESOURCE_NOT_IN_PLAN
+        gated = decisions.gate(ctx, quotas, now, self._rules.past_due_grace)
+        if gated is not None:
             counts = await store.read_counters(conn, req.tenant_id, keys)
-            verdict = Verdict(reason is Reason.ALLOWED, reason)
-            return _Evaluation(ctx, quotas, windows, counts, [], cost, verdict, None)
+            return _Evaluation(ctx, quotas, windows, counts, [], cost, gated, None)
         expired = (
             await store.expired_reservations(conn, req.tenant_id, req.resource, now, lock=lock)
             if ctx.has_expired_reservations
@@ -354,7 +348,7 @@ class QuotaEngine:
                 now=now,
             )
         await self._notify(conn, ev, req.resource, req.amount, now)
-        answer = self._answer(ev, req, now, applied=True)
+        answer = self._answer(ev, req)
         return replace(
             answer,
             wallet_balance_micros=balance,
@@ -363,9 +357,7 @@ class QuotaEngine:
             expires_at=expires_at,
         )
 
-    def _answer(
-        self, ev: _Evaluation, req: ConsumeRequest, now: datetime, *, applied: bool
-    ) -> Decision:
+    def _answer(self, ev: _Evaluation, req: ConsumeRequest) -> Decision:
         return decisions.allowed(ev.ctx, ev.quotas, ev.windows, ev.counts, req, ev.cost)
 
     def _denial(self, ev: _Evaluation, req: ConsumeRequest, now: datetime) -> Decision:

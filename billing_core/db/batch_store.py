@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from billing_core.db.quota_store import (
+    CLAIM_UNLESS_LIVE,
     CONTEXT_SQL,
     Conn,
     PlanOffer,
@@ -196,7 +197,7 @@ class BatchWrites:
 # so no part can be planned as a full scan of a big table;
 # the result is how many idempotency keys were taken — fewer than asked means another
 # transaction took one first.
-_WRITES_SQL = """
+_WRITES_SQL = f"""
 WITH counters AS (
     INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start, used, reserved)
     SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz, (e->>4)::bigint, (e->>5)::bigint
@@ -246,11 +247,7 @@ WITH counters AS (
         (tenant_id, request_id, operation, request_hash, response, created_at, expires_at)
     SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s, %(expires)s
     FROM jsonb_array_elements(%(claims)s::jsonb) AS u(e)
-    ON CONFLICT (tenant_id, request_id) DO UPDATE
-       SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash,
-           response = EXCLUDED.response, created_at = EXCLUDED.created_at,
-           expires_at = EXCLUDED.expires_at
-     WHERE k.expires_at <= EXCLUDED.created_at
+    {CLAIM_UNLESS_LIVE}
     RETURNING 1
 )
 SELECT count(*) FROM claims

@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from billing_core.errors import NotFound
 from billing_core.limits import Access, Quota, SubscriptionStatus
 from billing_core.periods import tenant_zone
-from billing_core.pricing import ModelPrice
+from billing_core.pricing import ModelPrice, missing_price
 from billing_core.resources import PERIOD_ORDER, Overage, Period
 from billing_core.wallet import LiveGrant, allocate_debit
 
@@ -133,6 +133,16 @@ def context_from_row(row: Sequence[Any]) -> TenantContext:
 # --- idempotency -----------------------------------------------------------------------
 
 
+# An idempotency key is taken over only once it has expired; a live one stays its owner's.
+CLAIM_UNLESS_LIVE = """
+ON CONFLICT (tenant_id, request_id) DO UPDATE
+   SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash,
+       response = EXCLUDED.response, created_at = EXCLUDED.created_at,
+       expires_at = EXCLUDED.expires_at
+ WHERE k.expires_at <= EXCLUDED.created_at
+"""
+
+
 async def claim_request_id(
     conn: Conn,
     tenant_id: str,
@@ -152,13 +162,9 @@ async def claim_request_id(
         INSERT INTO idempotency_keys AS k
             (tenant_id, request_id, operation, request_hash, response, created_at, expires_at)
         VALUES (%s, %s, %s, %s, '{}'::jsonb, %s, %s)
-        ON CONFLICT (tenant_id, request_id) DO UPDATE
-           SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash,
-               response = EXCLUDED.response, created_at = EXCLUDED.created_at,
-               expires_at = EXCLUDED.expires_at
-         WHERE k.expires_at <= EXCLUDED.created_at
-        RETURNING 1
-        """,
+        """
+        + CLAIM_UNLESS_LIVE
+        + " RETURNING 1",
         (tenant_id, request_id, operation, request_hash, now, expires_at),
     )
     return await cur.fetchone() is not None
@@ -473,10 +479,7 @@ async def price_at(conn: Conn, provider: str, model: str, at: datetime) -> Model
     )
     row = await cur.fetchone()
     if row is None:
-        raise NotFound(
-            f"no price for {provider}/{model} at {at.isoformat()}; "
-            f"set one with PUT /v1/model-prices/{provider}/{model}"
-        )
+        raise missing_price(provider, model, at)
     return ModelPrice(provider, model, row[0], row[1], row[2])
 
 
