@@ -1,26 +1,31 @@
 """CheckAndConsume for a batch of requests, decided set-based in one transaction.
 
-A handful of statements serve the whole batch, whatever its size:
+A handful of statements serve the whole batch, whatever its size, in two round trips:
 
 1. one round trip reads the tenants' contexts, the model prices and the request_ids that
-   are already taken;
-2. one round trip creates-if-missing and locks every counter row the batch touches (in the
-   global key order) and the wallets and grants that may pay an overage;
-3. the requests are decided in memory, in arrival order, each seeing the ones before it —
+   are already taken, and creates-if-missing and locks (in the global key order) the
+   counter rows, wallets and grants the batch will touch — as predicted from what the
+   tenants looked like last time (ShapeMemo). The contexts just read decide what is really
+   needed; whatever the prediction missed (a tenant seen for the first time, a changed
+   plan) is locked in an extra round trip, so a stale prediction costs time, never
+   correctness;
+2. the requests are decided in memory, in arrival order, each seeing the ones before it —
    exactly the decisions one-by-one calls would make (tests/integration/test_coalescing.py
    runs random workloads both ways and compares answers and books);
-4. one round trip writes counters, usage records, grant debits, ledger entries, wallets,
-   notifications and idempotency keys set-based, and reads the upgrade offers for denials.
+3. one statement writes counters, usage records, grant debits, ledger entries, wallets,
+   notifications and idempotency keys set-based; the caller sends it with the upgrade-offer
+   reads for denials and its COMMIT in one round trip (db/txn.py).
 
 Tenants with lazily expiring state (an expired reservation to release, a grant to expire)
 are left to the one-by-one path, in the same transaction. When another transaction took
-one of the batch's request_ids meanwhile, ClaimRace rolls the batch back and the caller
-decides its requests one by one, which waits for and replays the twin.
+one of the batch's request_ids meanwhile, the write statement fails (SQLSTATE QB001, see
+migration 0004), the transaction rolls back and the caller decides the requests one by one,
+which waits for and replays the twin.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -41,14 +46,12 @@ NO_LIMIT = 1 << 62
 OPERATION = "consume"
 
 
-class ClaimRace(Exception):
-    """Another transaction stored one of the batch's request_ids first."""
-
-
 @dataclass(slots=True)
 class BatchOutcome:
+    # answers of the batched requests; denials get their upgrade offer in finish()
     results: dict[int, Decision | QuotaError]
     one_by_one: list[int]  # positions left to the one-by-one path
+    finish: Callable[[], Awaitable[None]]  # after the writes were sent: fetch what they return
 
 
 @dataclass(slots=True)
@@ -83,68 +86,95 @@ class _Tenant:
         return found
 
 
+class ShapeMemo:
+    """What each (tenant, resource) looked like in the last batch — its timezone, anchor
+    and quotas — so that the next batch can lock its counter rows in the same round trip
+    that reads the contexts. Only a guess: every batch re-reads the contexts in its own
+    transaction and locks whatever the guess missed, so a changed plan is enforced at once.
+    Bounded: forgotten wholesale when it outgrows `limit`."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._limit = limit
+        self._seen: dict[tuple[str, str], TenantContext] = {}
+
+    def get(self, tenant_id: str, resource: str) -> TenantContext | None:
+        return self._seen.get((tenant_id, resource))
+
+    def remember(self, ctx: TenantContext, resources: Iterable[str]) -> None:
+        if len(self._seen) >= self._limit:
+            self._seen.clear()
+        for resource in resources:
+            self._seen[(ctx.tenant_id, resource)] = ctx
+
+
 async def decide_batch(
     conn: Conn,
     reqs: Sequence[ConsumeRequest],
     now: datetime,
     *,
+    memo: ShapeMemo,
     idempotency_ttl: timedelta,
     past_due_grace: timedelta,
 ) -> BatchOutcome:
-    """Decide validated requests in order inside the caller's transaction."""
+    """Decide validated requests in order inside the caller's transaction and queue their
+    writes; the caller sends them (with its COMMIT when nothing is left one by one) and
+    then calls `outcome.finish()`."""
+    resources = sorted({r.resource for r in reqs})
+    tenant_ids = sorted({r.tenant_id for r in reqs})
     models = sorted({(r.tokens.provider, r.tokens.model) for r in reqs if r.tokens is not None})
     keys = sorted({(r.tenant_id, r.request_id) for r in reqs if not r.dry_run})
-    contexts_p = await bs.send_contexts(
-        conn, sorted({r.tenant_id for r in reqs}), sorted({r.resource for r in reqs}), now
-    )
+    shared: dict[tuple[Period, str, datetime], Window] = {}
+
+    # round trip 1: contexts, prices and taken request_ids, and the locks the memo predicts
+    guess: dict[str, _Tenant] = {}
+    for req in reqs:
+        if req.tenant_id not in guess and (seen := memo.get(req.tenant_id, req.resource)):
+            guess[req.tenant_id] = _Tenant(seen)
+    guessed_keys, guessed_wallets = _locks(reqs, guess, now, shared)
+    contexts_p = await bs.send_contexts(conn, tenant_ids, resources, now)
     prices_p = await bs.send_prices(conn, models, now) if models else None
     keys_p = await bs.send_live_keys(conn, keys, now) if keys else None
+    locks_p = await _send_locks(conn, guessed_keys, guessed_wallets)
     contexts = await contexts_p()
     prices = await prices_p() if prices_p else {}
     stored = await keys_p() if keys_p else {}
+    counters, wallets, grants = await locks_p()
 
     tenants: dict[str, _Tenant] = {}
-    shared: dict[tuple[Period, str, datetime], Window] = {}
     one_by_one: list[int] = []
     fast: list[int] = []
+    for ctx in contexts.values():
+        memo.remember(ctx, resources)
     for i, req in enumerate(reqs):
-        ctx = contexts.get(req.tenant_id)
-        if ctx is None or ctx.has_expired_reservations or ctx.has_due_grants:
+        found = contexts.get(req.tenant_id)
+        if found is None or found.has_expired_reservations or found.has_due_grants:
             one_by_one.append(i)
         else:
             fast.append(i)
-            tenants.setdefault(req.tenant_id, _Tenant(ctx))
-    for (tenant_id, request_id), key in stored.items():
+            tenants.setdefault(req.tenant_id, _Tenant(found))
+    for (tenant_id, request_id), taken in stored.items():
         if tenant_id in tenants:
-            tenants[tenant_id].taken[request_id] = key
+            tenants[tenant_id].taken[request_id] = taken
 
-    # lock what the fast requests touch: counters of their windows, and the wallets
-    # (with grants) of tenants whose requests may have to pay an overage
-    lock_keys: list[TenantKey] = []
-    wallet_tenants: set[str] = set()
-    for i in fast:
-        req = reqs[i]
-        state = tenants[req.tenant_id]
-        quotas, windows = state.plan(req.resource, now, shared)
-        lock_keys += [(req.tenant_id, req.resource, w.period, w.start) for w in windows]
-        if (
-            not req.dry_run
-            and req.tokens is not None
-            and not state.ctx.unlimited
-            and any(q.overage is Overage.WALLET for q in quotas)
-        ):
-            wallet_tenants.add(req.tenant_id)
-    counters_p = await bs.send_lock_counters(conn, lock_keys) if lock_keys else None
-    wallets_p = await bs.send_lock_wallets(conn, sorted(wallet_tenants)) if wallet_tenants else None
+    # round trip 2, only when the guess missed (first sight of a tenant, a changed plan)
+    lock_keys, wallet_tenants = _locks([reqs[i] for i in fast], tenants, now, shared)
+    missed_keys = [k for k in lock_keys if k not in counters]
+    missed_wallets = [t for t in wallet_tenants if t not in guessed_wallets]
+    if missed_keys or missed_wallets:
+        more_counters, more_wallets, more_grants = await (
+            await _send_locks(conn, missed_keys, missed_wallets)
+        )()
+        counters |= more_counters
+        wallets |= more_wallets
+        grants |= more_grants
     created: list[TenantKey] = []
-    if counters_p is not None:
-        for (t, resource, period, start), (used, reserved, new) in (await counters_p()).items():
+    for (t, resource, period, start), (used, reserved, new) in counters.items():
+        if t in tenants:
             tenants[t].counts[(resource, period, start)] = (used, reserved)
-            if new:
-                created.append((t, resource, period, start))
-    if wallets_p is not None:
-        wallets, grants = await wallets_p()
-        for t, wallet in wallets.items():
+        if new:
+            created.append((t, resource, period, start))
+    for t, wallet in wallets.items():
+        if t in tenants:
             tenants[t].wallet = wallet
             tenants[t].grants = grants.get(t, [])
 
@@ -163,6 +193,7 @@ async def decide_batch(
         if isinstance(result, Decision) and not result.allowed and not result.replayed:
             denials.append(i)
 
+    # round trip 3 (the caller's): the writes, the upgrade offers for denials, the commit
     writes.dropped = [k for k in created if k not in writes.deltas]
     writes_p = await bs.send_writes(conn, writes, now, now + idempotency_ttl)
     wanted = sorted(
@@ -174,18 +205,65 @@ async def decide_batch(
         key=lambda w: (w[0], w[1] or ""),
     )
     offers_p = await bs.send_offers(conn, wanted) if wanted else None
-    if await writes_p() != len(writes.claims):
-        raise ClaimRace("a request_id of the batch was taken by another transaction")
-    offers: dict[tuple[str, str | None], list[PlanOffer]] = await offers_p() if offers_p else {}
-    for i in denials:
-        denial = results[i]
-        assert isinstance(denial, Decision)
-        upgrade = ""
-        if denial.reason is not Reason.PAYMENT_PAST_DUE:
-            found = offers[(reqs[i].resource, _current_plan(denial))]
-            upgrade = decisions.choose_upgrade(denial, reqs[i].amount, found)
-        results[i] = replace(denial, upgrade_plan_id=upgrade)
-    return BatchOutcome(results, one_by_one)
+
+    async def finish() -> None:
+        await writes_p()
+        offers: dict[tuple[str, str | None], list[PlanOffer]] = await offers_p() if offers_p else {}
+        for i in denials:
+            denial = results[i]
+            assert isinstance(denial, Decision)
+            upgrade = ""
+            if denial.reason is not Reason.PAYMENT_PAST_DUE:
+                found = offers[(reqs[i].resource, _current_plan(denial))]
+                upgrade = decisions.choose_upgrade(denial, reqs[i].amount, found)
+            results[i] = replace(denial, upgrade_plan_id=upgrade)
+
+    return BatchOutcome(results, one_by_one, finish)
+
+
+def _locks(
+    reqs: Iterable[ConsumeRequest],
+    tenants: dict[str, _Tenant],
+    now: datetime,
+    shared: dict[tuple[Period, str, datetime], Window],
+) -> tuple[list[TenantKey], list[str]]:
+    """The counter rows the requests touch, and the tenants whose wallet (with grants) may
+    have to pay an overage."""
+    keys: set[TenantKey] = set()
+    wallets: set[str] = set()
+    for req in reqs:
+        state = tenants.get(req.tenant_id)
+        if state is None:
+            continue
+        quotas, windows = state.plan(req.resource, now, shared)
+        keys.update((req.tenant_id, req.resource, w.period, w.start) for w in windows)
+        if (
+            not req.dry_run
+            and req.tokens is not None
+            and not state.ctx.unlimited
+            and any(q.overage is Overage.WALLET for q in quotas)
+        ):
+            wallets.add(req.tenant_id)
+    return list(keys), sorted(wallets)
+
+
+_Locked = tuple[
+    dict[TenantKey, tuple[int, int, bool]], dict[str, tuple[int, int]], dict[str, list[LiveGrant]]
+]
+
+
+async def _send_locks(
+    conn: Conn, keys: list[TenantKey], wallet_tenants: list[str]
+) -> bs.Pending[_Locked]:
+    counters_p = await bs.send_lock_counters(conn, keys) if keys else None
+    wallets_p = await bs.send_lock_wallets(conn, wallet_tenants) if wallet_tenants else None
+
+    async def result() -> _Locked:
+        counters = await counters_p() if counters_p else {}
+        wallets, grants = await wallets_p() if wallets_p else ({}, {})
+        return counters, wallets, grants
+
+    return result
 
 
 def _decide_one(

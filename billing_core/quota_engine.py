@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import structlog
+from psycopg import AsyncPipeline
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool
 
@@ -24,6 +25,7 @@ from billing_core import decisions
 from billing_core.clock import Clock
 from billing_core.db import quota_store as store
 from billing_core.db.quota_store import Conn, CounterKey, TenantContext, UsageRecordRow
+from billing_core.db.txn import pipelined_transaction
 from billing_core.decisions import (
     add_delta,
     consume_record,
@@ -44,7 +46,7 @@ from billing_core.limits import (
 )
 from billing_core.periods import EPOCH, Window, tenant_zone, window_for
 from billing_core.pricing import TokenUsage, cost_micros
-from billing_core.quota_batch import ClaimRace, decide_batch
+from billing_core.quota_batch import ShapeMemo, decide_batch
 from billing_core.resources import Overage, Period
 from billing_core.usage import (
     CommitRequest,
@@ -107,18 +109,22 @@ class QuotaEngine:
         self._pool = pool
         self._clock = clock
         self._rules = rules
+        self._shapes = ShapeMemo()
 
     # --- plumbing ------------------------------------------------------------------
 
     async def _run(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         """Run a use case on a pooled connection; retry on deadlock/serialization."""
+        return await self._run_piped(lambda conn, _pipe: work(conn))
+
+    async def _run_piped(self, work: Callable[[Conn, AsyncPipeline], Awaitable[T]]) -> T:
         for attempt in range(5):
             try:
                 async with (
                     self._pool.connection(timeout=self._rules.acquire_timeout_s) as conn,
-                    conn.pipeline(),  # writes that nothing waits for share round trips
+                    conn.pipeline() as pipe,  # writes that nothing waits for share round trips
                 ):
-                    return await work(conn)
+                    return await work(conn, pipe)
             except _RETRYABLE:
                 if attempt == 4:
                     raise Unavailable("the database kept aborting the transaction") from None
@@ -150,16 +156,22 @@ class QuotaEngine:
         if not valid:
             return [results[i] for i in range(len(reqs))]
 
-        async def work(conn: Conn) -> dict[int, Decision | QuotaError]:
+        async def work(conn: Conn, pipe: AsyncPipeline) -> dict[int, Decision | QuotaError]:
             batch = [reqs[i] for i in valid]
-            async with conn.transaction():
+            async with pipelined_transaction(conn, pipe) as tx:
                 outcome = await decide_batch(
                     conn,
                     batch,
                     self._clock.now(),
+                    memo=self._shapes,
                     idempotency_ttl=self._rules.idempotency_ttl,
                     past_due_grace=self._rules.past_due_grace,
                 )
+                if outcome.one_by_one:
+                    await tx.sync()  # the savepoints below need the server's word first
+                else:
+                    await tx.commit()  # with the writes: one round trip
+                await outcome.finish()
                 done = {valid[j]: result for j, result in outcome.results.items()}
                 for j in outcome.one_by_one:
                     try:
@@ -169,11 +181,11 @@ class QuotaEngine:
             return done
 
         try:
-            results.update(await self._run(work))
+            results.update(await self._run_piped(work))
         except Unavailable as exc:
             results.update({i: exc for i in valid})  # one by one would not fare better
         except Exception as exc:  # decide one by one: one bad request never fails the rest
-            if not isinstance(exc, psycopg.Error | ClaimRace):
+            if not isinstance(exc, psycopg.Error):  # QB001: a request_id was taken meanwhile
                 log.exception("batch_failed", requests=len(valid))
             for i in valid:
                 try:

@@ -195,8 +195,8 @@ class BatchWrites:
 # They touch disjoint rows, so running them in one snapshot is the same as one by one.
 # Every part finds its rows through a primary key with array conditions (or ON CONFLICT),
 # so no part can be planned as a full scan of a big table;
-# the result is how many idempotency keys were taken — fewer than asked means another
-# transaction took one first.
+# when fewer idempotency keys could be taken than asked (another transaction took one
+# first), quota_expect_claims fails the statement, which rolls the batch back.
 _WRITES_SQL = f"""
 WITH counters AS (
     INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start, used, reserved)
@@ -250,15 +250,18 @@ WITH counters AS (
     {CLAIM_UNLESS_LIVE}
     RETURNING 1
 )
-SELECT count(*) FROM claims
+SELECT quota_expect_claims(%(expected)s, (SELECT count(*) FROM claims))
 """
+
+CLAIM_RACE_SQLSTATE = "QB001"  # raised by quota_expect_claims (migration 0004)
 
 
 async def send_writes(
     conn: Conn, w: BatchWrites, now: datetime, expires_at: datetime
 ) -> Pending[int]:
     """Apply a batch's writes (rows locked by this transaction); the result is the number of
-    idempotency keys taken. All records of a batch occur at `now`."""
+    idempotency keys taken, which is all of them or an error. All records of a batch occur
+    at `now`."""
     deltas = sorted((k for k, d in w.deltas.items() if d != (0, 0)), key=_order)
     debits: dict[tuple[str, str], int] = {}
     for tenant_id, grant_id, micros in w.debits:
@@ -284,6 +287,7 @@ async def send_writes(
             "wallets": _json([[t, b, h] for t, (b, h) in sorted(w.wallets.items())]),
             "notes": _json([list(n) for n in notes.values()]),
             "claims": _json([list(c) for c in w.claims]),
+            "expected": len(w.claims),
         },
     )
 
