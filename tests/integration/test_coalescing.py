@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from quota_client import AsyncQuotaClient
 
-from billing_core import quota_engine
+from billing_core import catalog, quota_engine
 from billing_core.catalog import quota
 from billing_core.clock import FrozenClock
 from billing_core.errors import QuotaError
@@ -266,3 +266,43 @@ async def test_a_failing_batch_is_decided_one_by_one(
         False,
         "NotFound",
     ]
+
+
+async def test_a_changed_plan_is_enforced_by_the_very_next_batch(
+    pool: Pool, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch locks with its reads the rows the tenant's last shape predicts; after a plan
+    change the prediction is wrong, and the batch still decides by the new plan (locking
+    the new window and the wallet the old plan never needed) and leaves no row behind for
+    the old window."""
+    engine = QuotaEngine(pool, FrozenClock(START), QuotaRules())
+    await f.price(pool, "p", MODEL, 1_000_000, 0, START)  # 1 micro per token
+    daily = await f.plan(pool, START, f"{uid}-d", [quota("tokens", "daily", 100)])
+    weekly = await f.plan(
+        pool, START, f"{uid}-w", [quota("tokens", "weekly", 4, overage="wallet")]
+    )
+    t = await f.tenant(pool, START, f"shape-{uid}", daily, credits_micros=1000)
+
+    def ask(amount: int, request_id: str, dry_run: bool = False) -> ConsumeRequest:
+        return ConsumeRequest(
+            t, "tokens", amount, request_id, dry_run, TokenUsage("p", MODEL, amount, 0)
+        )
+
+    async def no_fallback(req: ConsumeRequest) -> Decision:
+        raise AssertionError("the batch path failed and fell back to one by one")
+
+    monkeypatch.setattr(engine, "consume", no_fallback)
+    [probe] = await engine.consume_batch([ask(3, "probe", dry_run=True)])
+    assert isinstance(probe, Decision) and probe.allowed  # the engine now knows: daily
+    async with pool.connection() as conn:
+        await catalog.assign_plan(conn, t, weekly, START)
+    first, second = await engine.consume_batch([ask(3, "a"), ask(2, "b")])
+    assert isinstance(first, Decision) and first.allowed
+    assert [w.period.value for w in first.windows] == ["weekly"]
+    # 5 > 4 a week: the wallet pays for the one token over (the daily plan had no wallet)
+    assert isinstance(second, Decision) and second.allowed
+    assert second.wallet_balance_micros == 1000 - 1
+    counters = await f.fetch(
+        pool, "SELECT period, used FROM usage_counters WHERE tenant_id = %s ORDER BY 1", t
+    )
+    assert counters == [("weekly", 5)]
