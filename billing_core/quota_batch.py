@@ -131,14 +131,11 @@ async def decide_batch(
         if req.tenant_id not in guess and (seen := memo.get(req.tenant_id, req.resource)):
             guess[req.tenant_id] = _Tenant(seen)
     guessed_keys, guessed_wallets = _locks(reqs, guess, now, shared)
-    contexts_p = await bs.send_contexts(conn, tenant_ids, resources, now)
-    prices_p = await bs.send_prices(conn, models, now) if models else None
-    keys_p = await bs.send_live_keys(conn, keys, now) if keys else None
-    locks_p = await _send_locks(conn, guessed_keys, guessed_wallets)
-    contexts = await contexts_p()
-    prices = await prices_p() if prices_p else {}
-    stored = await keys_p() if keys_p else {}
-    counters, wallets, grants = await locks_p()
+    reads_p = await bs.send_reads(conn, tenant_ids, resources, models, keys, now)
+    locks_p = await bs.send_locks(conn, guessed_keys, guessed_wallets) if guess else None
+    reads = await reads_p()
+    contexts, prices = reads.contexts, reads.prices
+    locked = await locks_p() if locks_p else bs.Locked({}, {}, {})
 
     tenants: dict[str, _Tenant] = {}
     one_by_one: list[int] = []
@@ -152,31 +149,29 @@ async def decide_batch(
         else:
             fast.append(i)
             tenants.setdefault(req.tenant_id, _Tenant(found))
-    for (tenant_id, request_id), taken in stored.items():
+    for (tenant_id, request_id), taken in reads.taken.items():
         if tenant_id in tenants:
             tenants[tenant_id].taken[request_id] = taken
 
     # round trip 2, only when the guess missed (first sight of a tenant, a changed plan)
     lock_keys, wallet_tenants = _locks([reqs[i] for i in fast], tenants, now, shared)
-    missed_keys = [k for k in lock_keys if k not in counters]
+    missed_keys = [k for k in lock_keys if k not in locked.counters]
     missed_wallets = [t for t in wallet_tenants if t not in guessed_wallets]
     if missed_keys or missed_wallets:
-        more_counters, more_wallets, more_grants = await (
-            await _send_locks(conn, missed_keys, missed_wallets)
-        )()
-        counters |= more_counters
-        wallets |= more_wallets
-        grants |= more_grants
+        more = await (await bs.send_locks(conn, missed_keys, missed_wallets))()
+        locked.counters |= more.counters
+        locked.wallets |= more.wallets
+        locked.grants |= more.grants
     created: list[TenantKey] = []
-    for (t, resource, period, start), (used, reserved, new) in counters.items():
+    for (t, resource, period, start), (used, reserved, new) in locked.counters.items():
         if t in tenants:
             tenants[t].counts[(resource, period, start)] = (used, reserved)
         if new:
             created.append((t, resource, period, start))
-    for t, wallet in wallets.items():
+    for t, wallet in locked.wallets.items():
         if t in tenants:
             tenants[t].wallet = wallet
-            tenants[t].grants = grants.get(t, [])
+            tenants[t].grants = locked.grants.get(t, [])
 
     writes = BatchWrites()
     results: dict[int, Decision | QuotaError] = {}
@@ -245,25 +240,6 @@ def _locks(
         ):
             wallets.add(req.tenant_id)
     return list(keys), sorted(wallets)
-
-
-_Locked = tuple[
-    dict[TenantKey, tuple[int, int, bool]], dict[str, tuple[int, int]], dict[str, list[LiveGrant]]
-]
-
-
-async def _send_locks(
-    conn: Conn, keys: list[TenantKey], wallet_tenants: list[str]
-) -> bs.Pending[_Locked]:
-    counters_p = await bs.send_lock_counters(conn, keys) if keys else None
-    wallets_p = await bs.send_lock_wallets(conn, wallet_tenants) if wallet_tenants else None
-
-    async def result() -> _Locked:
-        counters = await counters_p() if counters_p else {}
-        wallets, grants = await wallets_p() if wallets_p else ({}, {})
-        return counters, wallets, grants
-
-    return result
 
 
 def _decide_one(

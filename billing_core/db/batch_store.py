@@ -9,14 +9,16 @@ quota_store (counters → wallet row → grants), by tenant first.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
 from billing_core.db.quota_store import (
     CLAIM_UNLESS_LIVE,
+    CONTEXT_COLUMNS,
     CONTEXT_SQL,
+    CONTEXT_TIMESTAMPS,
     Conn,
     PlanOffer,
     TenantContext,
@@ -34,66 +36,90 @@ TenantKey = tuple[str, str, Period, datetime]  # tenant, resource, period, windo
 StoredKey = tuple[str, str, dict[str, Any]]  # operation, request_hash, response
 
 
-async def send_contexts(
-    conn: Conn, tenant_ids: Sequence[str], resources: Sequence[str], now: datetime
-) -> Pending[dict[str, TenantContext]]:
+@dataclass(slots=True)
+class Reads:
+    contexts: dict[str, TenantContext]  # of the tenants that exist
+    prices: dict[tuple[str, str], ModelPrice]  # in effect, of the models that have one
+    taken: dict[tuple[str, str], StoredKey]  # live idempotency keys among the asked ones
+
+
+# Contexts, prices and live idempotency keys in one statement, each as one JSON column.
+# Every part reaches its rows through a primary key with array conditions: always an
+# index scan, whatever the table's size (a join against a JSON or array parameter can be
+# planned as a full scan); for the keys, the cross product of the two arrays is narrowed
+# to the wanted pairs in Python.
+_READS_SQL = f"""
+SELECT
+  (SELECT coalesce(json_agg(json_build_array({", ".join("c." + c for c in CONTEXT_COLUMNS)})),
+                   '[]'::json)
+     FROM ({CONTEXT_SQL}) c),
+  (SELECT coalesce(json_agg(json_build_array(m.provider, m.model, m.effective_from,
+                   m.input_micros_per_million, m.output_micros_per_million)), '[]'::json)
+     FROM (SELECT DISTINCT ON (m.provider, m.model) m.*
+             FROM model_prices m
+             JOIN unnest(%(providers)s::text[], %(models)s::text[]) AS u(p, mo)
+               ON m.provider = u.p AND m.model = u.mo
+            WHERE m.provider = ANY(%(providers)s::text[]) AND m.model = ANY(%(models)s::text[])
+              AND m.effective_from <= %(now)s
+            ORDER BY m.provider, m.model, m.effective_from DESC) m),
+  (SELECT coalesce(json_agg(json_build_array(k.tenant_id, k.request_id, k.operation,
+                   k.request_hash, k.response)), '[]'::json)
+     FROM idempotency_keys k
+    WHERE k.tenant_id = ANY(%(key_tenants)s::text[]) AND k.request_id = ANY(%(key_ids)s::text[])
+      AND k.expires_at > %(now)s)
+"""
+
+
+async def send_reads(
+    conn: Conn,
+    tenant_ids: Sequence[str],
+    resources: Sequence[str],
+    models: Sequence[tuple[str, str]],
+    keys: Sequence[tuple[str, str]],
+    now: datetime,
+) -> Pending[Reads]:
+    """What a batch reads before deciding: the tenants' contexts (with the quotas of
+    `resources`), the price in effect of each (provider, model), and which of the
+    (tenant_id, request_id) pairs are live idempotency keys."""
     cur = await conn.execute(
-        CONTEXT_SQL, {"tenants": list(tenant_ids), "now": now, "resources": list(resources)}
-    )
-
-    async def result() -> dict[str, TenantContext]:
-        return {row[0]: context_from_row(row) for row in await cur.fetchall()}
-
-    return result
-
-
-async def send_prices(
-    conn: Conn, models: Sequence[tuple[str, str]], now: datetime
-) -> Pending[dict[tuple[str, str], ModelPrice]]:
-    """The price in effect at `now` of each (provider, model) that has one."""
-    cur = await conn.execute(
-        """
-        SELECT DISTINCT ON (m.provider, m.model) m.provider, m.model, m.effective_from,
-               m.input_micros_per_million, m.output_micros_per_million
-        FROM model_prices m
-        JOIN unnest(%s::text[], %s::text[]) AS u(p, mo) ON m.provider = u.p AND m.model = u.mo
-        WHERE m.provider = ANY(%s) AND m.model = ANY(%s) AND m.effective_from <= %s
-        ORDER BY m.provider, m.model, m.effective_from DESC
-        """,
-        (
-            [m[0] for m in models],
-            [m[1] for m in models],
-            [m[0] for m in models],
-            [m[1] for m in models],
-            now,
-        ),
-    )
-
-    async def result() -> dict[tuple[str, str], ModelPrice]:
-        return {(r[0], r[1]): ModelPrice(*r) for r in await cur.fetchall()}
-
-    return result
-
-
-async def send_live_keys(
-    conn: Conn, keys: Sequence[tuple[str, str]], now: datetime
-) -> Pending[dict[tuple[str, str], StoredKey]]:
-    """Idempotency keys still live at `now` among (tenant_id, request_id) pairs."""
-    # both primary-key columns as arrays: always an index scan, whatever the table's size
-    # (a join against a JSON or array parameter can be planned as a full scan); the
-    # cross product it may return is narrowed to the wanted pairs here
-    cur = await conn.execute(
-        "SELECT tenant_id, request_id, operation, request_hash, response FROM idempotency_keys"
-        " WHERE tenant_id = ANY(%s) AND request_id = ANY(%s) AND expires_at > %s",
-        (sorted({k[0] for k in keys}), sorted({k[1] for k in keys}), now),
+        _READS_SQL,
+        {
+            "tenants": text_array(tenant_ids),
+            "resources": text_array(resources),
+            "now": now,
+            "providers": text_array(m[0] for m in models),
+            "models": text_array(m[1] for m in models),
+            "key_tenants": text_array(sorted({k[0] for k in keys})),
+            "key_ids": text_array(sorted({k[1] for k in keys})),
+        },
     )
     wanted = set(keys)
 
-    async def result() -> dict[tuple[str, str], StoredKey]:
-        rows = await cur.fetchall()
-        return {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows if (r[0], r[1]) in wanted}
+    async def result() -> Reads:
+        row = await cur.fetchone()
+        assert row is not None
+        contexts, prices, taken = row
+        for c in contexts:
+            for i in CONTEXT_TIMESTAMPS:
+                c[i] = _timestamp(c[i])
+        return Reads(
+            {c[0]: context_from_row(c) for c in contexts},
+            {(p[0], p[1]): ModelPrice(p[0], p[1], _timestamp(p[2]), p[3], p[4]) for p in prices},
+            {(k[0], k[1]): (k[2], k[3], k[4]) for k in taken if (k[0], k[1]) in wanted},
+        )
 
     return result
+
+
+def _timestamp(value: Any) -> Any:  # a timestamptz that came as JSON text
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def text_array(values: Iterable[str]) -> str:
+    """A text[] literal. Sent as one string, it costs psycopg far less than a list, whose
+    elements it inspects one by one to choose an array type."""
+    quoted = (v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
+    return "{" + ",".join(f'"{v}"' for v in quoted) + "}"
 
 
 def _json(value: Any) -> str:
@@ -118,55 +144,66 @@ def _order(key: TenantKey) -> tuple[str, str, int, datetime]:
     return key[0], key[1], PERIOD_ORDER[key[2]], key[3]
 
 
-async def send_lock_counters(
-    conn: Conn, keys: Sequence[TenantKey]
-) -> Pending[dict[TenantKey, tuple[int, int, bool]]]:
-    """Create-if-missing and lock counter rows in the global order;
-    (used, reserved, created by this statement) each."""
-    ordered = sorted(set(keys), key=_order)
+@dataclass(slots=True)
+class Locked:
+    counters: dict[TenantKey, tuple[int, int, bool]]  # used, reserved, created just now
+    wallets: dict[str, tuple[int, int]]  # balance, held — of the wallets that exist
+    grants: dict[str, list[LiveGrant]]  # live ones, in the order they pay (wallet.py)
+
+
+# Counters (created if missing), then wallets, then grants — the global lock order: the
+# branches of a UNION ALL run one after the other, each reading its CTE to the end.
+# A missing wallet is an empty one: it pays nothing, so it is never written.
+_LOCKS_SQL = """
+WITH counters AS (
+    INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start)
+    SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz
+    FROM jsonb_array_elements(%(counters)s::jsonb) WITH ORDINALITY AS u(e, n)
+    ORDER BY n
+    ON CONFLICT (tenant_id, resource, period, window_start)
+    DO UPDATE SET used = c.used
+    RETURNING tenant_id, resource, period, window_start, used, reserved, xmax = 0 AS created
+), wallets AS (
+    SELECT tenant_id, balance_micros, held_micros FROM wallets
+    WHERE tenant_id = ANY(%(wallets)s::text[]) ORDER BY tenant_id FOR UPDATE
+), grants AS (
+    SELECT tenant_id, grant_id, remaining_micros, expires_at, created_at FROM wallet_grants
+    WHERE tenant_id = ANY(%(wallets)s::text[]) AND NOT expired AND remaining_micros > 0
+    ORDER BY tenant_id, expires_at NULLS LAST, created_at, grant_id FOR UPDATE
+)
+SELECT 'c', tenant_id, resource, period, window_start, used, reserved, created,
+       NULL::timestamptz FROM counters
+UNION ALL
+SELECT 'w', tenant_id, NULL, NULL, NULL, balance_micros, held_micros, NULL, NULL FROM wallets
+UNION ALL
+SELECT 'g', tenant_id, grant_id, NULL, expires_at, remaining_micros, NULL, NULL, created_at
+  FROM grants
+ORDER BY 1, 2, 5 NULLS LAST, 9, 3
+"""
+
+
+async def send_locks(
+    conn: Conn, keys: Sequence[TenantKey], wallet_tenants: Sequence[str]
+) -> Pending[Locked]:
+    """Create-if-missing and lock counter rows, then lock wallets and their live grants."""
     cur = await conn.execute(
-        """
-        INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start)
-        SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz
-        FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS u(e, n)
-        ORDER BY n
-        ON CONFLICT (tenant_id, resource, period, window_start)
-        DO UPDATE SET used = c.used
-        RETURNING tenant_id, resource, period, window_start, used, reserved, xmax = 0
-        """,
-        (_keys_json(ordered),),
+        _LOCKS_SQL,
+        {
+            "counters": _keys_json(sorted(set(keys), key=_order)),
+            "wallets": text_array(sorted(set(wallet_tenants))),
+        },
     )
 
-    async def result() -> dict[TenantKey, tuple[int, int, bool]]:
-        return {(r[0], r[1], Period(r[2]), r[3]): (r[4], r[5], r[6]) for r in await cur.fetchall()}
-
-    return result
-
-
-async def send_lock_wallets(
-    conn: Conn, tenant_ids: Sequence[str]
-) -> Pending[tuple[dict[str, tuple[int, int]], dict[str, list[LiveGrant]]]]:
-    """Lock the wallets that exist (a missing wallet is an empty one: it pays nothing, so it
-    is never written) and their live grants, soonest-expiring first."""
-    tenants = sorted(set(tenant_ids))
-    wallets = await conn.execute(
-        "SELECT tenant_id, balance_micros, held_micros FROM wallets"
-        " WHERE tenant_id = ANY(%s) ORDER BY tenant_id FOR UPDATE",
-        (tenants,),
-    )
-    grants = await conn.execute(
-        "SELECT tenant_id, grant_id, remaining_micros, expires_at FROM wallet_grants"
-        " WHERE tenant_id = ANY(%s) AND NOT expired AND remaining_micros > 0"
-        " ORDER BY tenant_id, expires_at NULLS LAST, created_at, grant_id FOR UPDATE",
-        (tenants,),
-    )
-
-    async def result() -> tuple[dict[str, tuple[int, int]], dict[str, list[LiveGrant]]]:
-        found = {r[0]: (int(r[1]), int(r[2])) for r in await wallets.fetchall()}
-        live: dict[str, list[LiveGrant]] = {}
-        for r in await grants.fetchall():
-            live.setdefault(r[0], []).append(LiveGrant(r[1], int(r[2]), r[3]))
-        return found, live
+    async def result() -> Locked:
+        locked = Locked({}, {}, {})
+        for kind, t, name, period, at, n1, n2, created, _ in await cur.fetchall():
+            if kind == "c":
+                locked.counters[(t, name, Period(period), at)] = (n1, n2, created)
+            elif kind == "w":
+                locked.wallets[t] = (int(n1), int(n2))
+            else:
+                locked.grants.setdefault(t, []).append(LiveGrant(name, int(n1), at))
+        return locked
 
     return result
 
@@ -208,7 +245,8 @@ WITH counters AS (
 ), dropped AS (
     DELETE FROM usage_counters c
     USING jsonb_array_elements(%(dropped)s::jsonb) AS u(e)
-    WHERE c.tenant_id = ANY(%(dropped_tenants)s) AND c.window_start = ANY(%(dropped_starts)s)
+    WHERE c.tenant_id = ANY(%(dropped_tenants)s::text[])
+      AND c.window_start = ANY(%(dropped_starts)s::timestamptz[])
       AND c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
       AND c.window_start = (u.e->>3)::timestamptz AND c.used = 0 AND c.reserved = 0
 ), records AS (
@@ -223,7 +261,8 @@ WITH counters AS (
 ), grants AS (
     UPDATE wallet_grants g SET remaining_micros = g.remaining_micros - (u.e->>2)::bigint
     FROM jsonb_array_elements(%(debits)s::jsonb) AS u(e)
-    WHERE g.tenant_id = ANY(%(debit_tenants)s) AND g.grant_id = ANY(%(debit_grants)s)
+    WHERE g.tenant_id = ANY(%(debit_tenants)s::text[])
+      AND g.grant_id = ANY(%(debit_grants)s::text[])
       AND g.tenant_id = u.e->>0 AND g.grant_id = u.e->>1
 ), ledger AS (
     INSERT INTO wallet_ledger (tenant_id, grant_id, kind, delta_micros, usage_record_id,
@@ -235,7 +274,7 @@ WITH counters AS (
     UPDATE wallets w SET balance_micros = (u.e->>1)::bigint, held_micros = (u.e->>2)::bigint,
                          updated_at = %(now)s
     FROM jsonb_array_elements(%(wallets)s::jsonb) AS u(e)
-    WHERE w.tenant_id = ANY(%(wallet_tenants)s) AND w.tenant_id = u.e->>0
+    WHERE w.tenant_id = ANY(%(wallet_tenants)s::text[]) AND w.tenant_id = u.e->>0
 ), notes AS (
     INSERT INTO notifications (tenant_id, kind, dedupe_key, message, details, created_at)
     SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s
@@ -276,11 +315,11 @@ async def send_writes(
             "expires": expires_at,
             "deltas": _json([[*_key_json(k), *w.deltas[k]] for k in deltas]),
             "dropped": _keys_json(w.dropped),
-            "dropped_tenants": sorted({k[0] for k in w.dropped}),
-            "dropped_starts": sorted({k[3] for k in w.dropped}),
-            "debit_tenants": sorted({t for t, _ in debits}),
-            "debit_grants": sorted({g for _, g in debits}),
-            "wallet_tenants": sorted(w.wallets),
+            "dropped_tenants": text_array(sorted({k[0] for k in w.dropped})),
+            "dropped_starts": text_array(sorted({k[3].isoformat() for k in w.dropped})),
+            "debit_tenants": text_array(sorted({t for t, _ in debits})),
+            "debit_grants": text_array(sorted({g for _, g in debits})),
+            "wallet_tenants": text_array(sorted(w.wallets)),
             "records": _json([_record_json(t, r) for t, r in w.records]),
             "debits": _json([[t, g, m] for (t, g), m in sorted(debits.items())]),
             "ledger": _json([list(e) for e in w.ledger]),

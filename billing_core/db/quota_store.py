@@ -49,10 +49,11 @@ class TenantContext:
 # and whether expired reservations wait to be released.
 CONTEXT_SQL = """
 SELECT t.tenant_id, t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_since,
-       s.billing_cycle_anchor, coalesce(p.unlimited, false), coalesce(p.enterprise, false),
+       s.billing_cycle_anchor, coalesce(p.unlimited, false) AS unlimited,
+       coalesce(p.enterprise, false) AS enterprise,
        (SELECT coalesce(sum(g.remaining_micros), 0)::bigint FROM wallet_grants g
          WHERE g.tenant_id = t.tenant_id AND NOT g.expired
-           AND (g.expires_at IS NULL OR g.expires_at > %(now)s)),
+           AND (g.expires_at IS NULL OR g.expires_at > %(now)s)) AS wallet_live_micros,
        (SELECT coalesce(json_agg(json_build_array(q.resource, q.period, q."limit", q.warn_at,
                                                   q.overage) ORDER BY q.o DESC), '[]'::json)
           FROM (SELECT resource, period, "limit", warn_at, overage, true AS o
@@ -63,18 +64,25 @@ SELECT t.tenant_id, t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, 
                 SELECT resource, period, "limit", warn_at, overage, false
                   FROM plan_quotas pq
                  WHERE pq.plan_id = s.plan_id
-                   AND (%(resources)s::text[] IS NULL OR resource = ANY(%(resources)s))) q),
+                   AND (%(resources)s::text[] IS NULL OR resource = ANY(%(resources)s))) q)
+         AS quotas,
        EXISTS (SELECT 1 FROM reservations r
                 WHERE r.tenant_id = t.tenant_id AND r.status = 'active'
-                  AND r.expires_at <= %(now)s),
+                  AND r.expires_at <= %(now)s) AS has_expired_reservations,
        EXISTS (SELECT 1 FROM wallet_grants g
                 WHERE g.tenant_id = t.tenant_id AND NOT g.expired
-                  AND g.expires_at <= %(now)s)
+                  AND g.expires_at <= %(now)s) AS has_due_grants
 FROM tenants t
 LEFT JOIN subscriptions s ON s.tenant_id = t.tenant_id AND s.is_current
 LEFT JOIN plans p ON p.plan_id = s.plan_id
-WHERE t.tenant_id = ANY(%(tenants)s)
+WHERE t.tenant_id = ANY(%(tenants)s::text[])
 """
+CONTEXT_COLUMNS = (
+    "tenant_id", "timezone", "created_at", "plan_id", "status", "trial_end", "past_due_since",
+    "billing_cycle_anchor", "unlimited", "enterprise", "wallet_live_micros", "quotas",
+    "has_expired_reservations", "has_due_grants",
+)  # fmt: skip
+CONTEXT_TIMESTAMPS = (2, 5, 6, 7)  # positions of the timestamptz columns
 
 
 async def load_context(

@@ -278,9 +278,7 @@ async def test_a_changed_plan_is_enforced_by_the_very_next_batch(
     engine = QuotaEngine(pool, FrozenClock(START), QuotaRules())
     await f.price(pool, "p", MODEL, 1_000_000, 0, START)  # 1 micro per token
     daily = await f.plan(pool, START, f"{uid}-d", [quota("tokens", "daily", 100)])
-    weekly = await f.plan(
-        pool, START, f"{uid}-w", [quota("tokens", "weekly", 4, overage="wallet")]
-    )
+    weekly = await f.plan(pool, START, f"{uid}-w", [quota("tokens", "weekly", 4, overage="wallet")])
     t = await f.tenant(pool, START, f"shape-{uid}", daily, credits_micros=1000)
 
     def ask(amount: int, request_id: str, dry_run: bool = False) -> ConsumeRequest:
