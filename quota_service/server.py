@@ -146,7 +146,7 @@ class QuotaServer:
 
 async def create_server(settings: Settings, *, clock: Clock | None = None) -> QuotaServer:
     """Open the pool and build a server bound to settings.grpc_host:grpc_port (0 = free port)."""
-    pool = await open_pool(settings.require_database(), settings.db_pool_size, generic_plans=True)
+    pool = await open_pool(settings.require_database(), settings.db_pool_size)
     engine = QuotaEngine(
         pool,
         clock or SystemClock(),

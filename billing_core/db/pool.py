@@ -11,28 +11,19 @@ from billing_core.db.urls import libpq_url
 
 
 async def _configure(conn: AsyncConnection[Any]) -> None:
-    # Explicit transaction blocks everywhere; nothing runs in an implicit one.
+    # Explicit `conn.transaction()` blocks everywhere; nothing runs in an implicit one.
     await conn.set_autocommit(True)
 
 
-async def _configure_generic(conn: AsyncConnection[Any]) -> None:
-    await _configure(conn)
-    await conn.execute("SET plan_cache_mode = force_generic_plan")
-
-
 async def open_pool(
-    database_url: str, size: int, *, timeout_s: float = 10.0, generic_plans: bool = False
+    database_url: str, size: int, *, timeout_s: float = 10.0
 ) -> AsyncConnectionPool[Any]:
-    """`generic_plans`: prepared statements are planned once per connection, not on every
-    call. For the sidecar, whose statements reach every row through a primary key with
-    array conditions: PostgreSQL's default re-planned the batch's read statement on every
-    call (0.4 ms of planning for 0.1 ms of work). Not for ad-hoc queries over history."""
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         libpq_url(database_url),
         min_size=size,
         max_size=size,
         open=False,
-        configure=_configure_generic if generic_plans else _configure,
+        configure=_configure,
         timeout=timeout_s,
         reconnect_timeout=3600.0,
         kwargs={"application_name": "billing-platform"},
