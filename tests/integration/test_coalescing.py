@@ -17,6 +17,7 @@ from quota_client import AsyncQuotaClient
 from billing_core import catalog, quota_engine
 from billing_core.catalog import quota
 from billing_core.clock import FrozenClock
+from billing_core.db.batch_store import text_array
 from billing_core.errors import QuotaError
 from billing_core.limits import SubscriptionStatus
 from billing_core.pricing import TokenUsage
@@ -304,3 +305,16 @@ async def test_a_changed_plan_is_enforced_by_the_very_next_batch(
         pool, "SELECT period, used FROM usage_counters WHERE tenant_id = %s ORDER BY 1", t
     )
     assert counters == [("weekly", 5)]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    values=st.lists(st.text(st.characters(blacklist_characters="\x00"), max_size=12), max_size=6)
+)
+async def test_text_array_literals_round_trip(pool: Pool, values: list[str]) -> None:
+    """The batch statements get their text[] parameters as literals: any string (quotes,
+    backslashes, commas, braces, blanks, NULL-looking words) arrives as itself."""
+    [(got,)] = await f.fetch(pool, "SELECT %s::text[]", text_array(values))
+    assert got == values
