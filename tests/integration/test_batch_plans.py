@@ -1,0 +1,143 @@
+"""The batch statements reach rows through indexes, never by scanning a big table.
+
+A plan is PostgreSQL's choice, so this is checked where it matters: on a database with
+thousands of tenants, keys, counters and records, a run of batches (enough for prepared
+statements to switch to generic plans) must not add a single sequential scan of those
+tables, nor read idempotency keys through the expiry index (which covers every live key).
+Twice a plan like that cost milliseconds per batch before anyone noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from billing_core import catalog
+from billing_core.catalog import PlanSpec, quota
+from billing_core.clock import FrozenClock
+from billing_core.db.pool import open_pool
+from billing_core.pricing import TokenUsage
+from billing_core.quota_engine import QuotaEngine, QuotaRules
+from billing_core.usage import ConsumeRequest, Decision
+from tests.conftest import fresh_database
+
+NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+TENANTS = 20_000
+BIG_TABLES = (
+    "tenants",
+    "subscriptions",
+    "idempotency_keys",
+    "usage_counters",
+    "usage_records",
+    "wallets",
+    "wallet_grants",
+)
+
+
+async def _populate(url: str) -> None:
+    async with await AsyncConnection.connect(url, autocommit=True) as conn:
+        await catalog.set_model_price(conn, "p", "m", 1_000_000, 0, NOW - timedelta(days=1))
+        plan = await catalog.create_plan(
+            conn,
+            PlanSpec(
+                name="plans-guard",
+                price_cents=100,
+                quotas=(
+                    quota("messages", "daily", 10**9),
+                    quota("messages", "monthly", 10**12),
+                    quota("tokens", "daily", 50, overage="wallet"),
+                ),
+            ),
+            NOW - timedelta(days=40),
+        )
+        then = NOW - timedelta(days=40)
+        for sql in (
+            "INSERT INTO tenants (tenant_id, name, timezone, created_at)"
+            " SELECT 'g-' || i, 'g', 'UTC', %(then)s FROM generate_series(1, %(n)s) i",
+            "INSERT INTO subscriptions (tenant_id, subscription_id, plan_id, status, is_current,"
+            " billing_cycle_anchor, created_at, updated_at)"
+            " SELECT 'g-' || i, 'sub-g-' || i, %(plan)s, 'active', true, %(then)s, %(then)s,"
+            " %(then)s FROM generate_series(1, %(n)s) i",
+            "INSERT INTO wallets (tenant_id, balance_micros, held_micros, updated_at)"
+            " SELECT 'g-' || i, 10000000, 0, %(then)s FROM generate_series(1, %(n)s) i",
+            "INSERT INTO wallet_grants (tenant_id, grant_id, grant_key, source, amount_micros,"
+            " remaining_micros, created_at)"
+            " SELECT 'g-' || i, 'gr-' || i, 'k-' || i, 'manual', 10000000, 10000000, %(then)s"
+            " FROM generate_series(1, %(n)s) i",
+            "INSERT INTO idempotency_keys (tenant_id, request_id, operation, request_hash,"
+            " response, created_at, expires_at)"
+            " SELECT 'g-' || (i %% %(n)s + 1), 'old-' || i, 'consume', 'h', '{}', %(then)s,"
+            " %(now)s + interval '1 hour' FROM generate_series(1, 2 * %(n)s) i",
+            "INSERT INTO usage_counters (tenant_id, resource, period, window_start, used)"
+            " SELECT 'g-' || (i %% %(n)s + 1), 'messages', 'daily',"
+            " %(then)s + (i / %(n)s) * interval '1 day', 1"
+            " FROM generate_series(0, 2 * %(n)s - 1) i",
+            "INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,"
+            " request_id, cost_micros, occurred_at)"
+            " SELECT 'g-' || (i %% %(n)s + 1), 'ur-old-' || i, 'messages', 1, 'consume',"
+            " 'old-' || i, 0, %(then)s FROM generate_series(1, 2 * %(n)s) i",
+        ):
+            await conn.execute(sql, {"then": then, "now": NOW, "n": TENANTS, "plan": plan})
+        await conn.execute("ANALYZE")
+
+
+async def _scans(url: str) -> dict[str, int]:
+    async with await AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname = ANY(%s)",
+            (list(BIG_TABLES),),
+        )
+        found = {name: int(n) for name, n in await cur.fetchall()}
+        cur = await conn.execute(
+            "SELECT coalesce(sum(idx_scan), 0) FROM pg_stat_user_indexes"
+            " WHERE indexrelname = 'ix_idempotency_keys_expires_at'"
+        )
+        row = await cur.fetchone()
+        found["by expiry: idempotency_keys"] = int(row[0]) if row else 0
+        return found
+
+
+async def _settled(url: str) -> dict[str, int]:
+    """Counters once every backend that worked on the database has reported (backends
+    report when they exit, and closed connections exit shortly after)."""
+    last = await _scans(url)
+    for _ in range(20):
+        await asyncio.sleep(0.25)
+        now = await _scans(url)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+async def test_batches_never_scan_a_big_table(server_url: str) -> None:
+    with fresh_database(server_url, "bp_plans") as url:
+        await _populate(url)
+        before = await _settled(url)
+        pool = await open_pool(url, 2)
+        rng = random.Random(7)
+        answers: list[Any] = []
+        try:
+            engine = QuotaEngine(pool, FrozenClock(NOW), QuotaRules())
+            for batch in range(40):  # > 5 runs of each statement: generic plans may be chosen
+                reqs = []
+                for i in range(rng.randint(1, 24)):
+                    tenant = f"g-{rng.randint(1, TENANTS)}"
+                    if rng.random() < 0.5:
+                        reqs.append(ConsumeRequest(tenant, "messages", 1, f"b{batch}-{i}"))
+                    else:
+                        tokens = TokenUsage("p", "m", 30, 0)
+                        reqs.append(
+                            ConsumeRequest(tenant, "tokens", 30, f"b{batch}-{i}", False, tokens)
+                        )
+                answers += await engine.consume_batch(reqs)
+        finally:
+            await pool.close()
+        after = await _settled(url)
+    assert answers and all(isinstance(a, Decision) and a.allowed for a in answers)
+    added = {name: after[name] - before.get(name, 0) for name in after}
+    assert added == {name: 0 for name in after}, f"scans added by the batches: {added}"
