@@ -42,7 +42,7 @@ check-generated: $(STAMP) ## fail when generated/ differs from a fresh generatio
 test: $(STAMP) lint check-generated ## all quality gates, then the whole test suite
 	$(PY) -m pytest
 
-bench: $(STAMP) ## benchmarks (see bench/README.md)
+bench: $(STAMP) ## benchmarks side by side with an echo server and the textbook implementation (README: Performance)
 	$(PY) -m bench
 
 clean: ## remove .venv and .data (stops nothing that is running)
