@@ -42,6 +42,8 @@ class Settings:
     coalesce_requests: bool = True
     # batches decided at once; a tenant always goes to the same lane
     coalesce_lanes: int = 1
+    # under load, the longest a request waits for company before its batch starts
+    coalesce_gather_us: int = 2000
     # quota rules
     idempotency_ttl_hours: int = 24
     past_due_grace_days: int = 3
@@ -83,6 +85,7 @@ class Settings:
             coalesce_requests=_str(env, "QUOTA_COALESCE", "on").lower()
             not in ("0", "off", "false"),
             coalesce_lanes=_int(env, "QUOTA_COALESCE_LANES", 1),
+            coalesce_gather_us=_int(env, "QUOTA_COALESCE_GATHER_US", 2000),
             idempotency_ttl_hours=_int(env, "IDEMPOTENCY_TTL_HOURS", 24),
             past_due_grace_days=_int(env, "PAST_DUE_GRACE_DAYS", 3),
             reservation_sweep_seconds=_int(env, "RESERVATION_SWEEP_SECONDS", 30),
@@ -111,6 +114,8 @@ class Settings:
             raise InvalidRequest("QUOTA_TLS_CERT_FILE and QUOTA_TLS_KEY_FILE go together")
         if self.idempotency_ttl_hours < 24:
             raise InvalidRequest("IDEMPOTENCY_TTL_HOURS must be at least 24")
+        if not 0 <= self.coalesce_gather_us <= 100_000:
+            raise InvalidRequest("QUOTA_COALESCE_GATHER_US must be between 0 and 100000")
         if self.past_due_grace_days < 0:
             raise InvalidRequest("PAST_DUE_GRACE_DAYS must not be negative")
         if self.log_format not in {"auto", "json", "console"}:

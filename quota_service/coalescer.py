@@ -2,11 +2,14 @@
 
 Requests go to a lane chosen by tenant, so one tenant's requests are always decided in
 arrival order by the same lane. A lane takes whatever has queued up while its previous
-batch ran — a request that arrives to an idle lane is decided at once, never held back
-for company — and decides the batch set-based in one transaction with one commit
-(QuotaEngine.consume_batch). One lane is the default: a batch holds any mix of tenants, and
-on a small machine the CPU, not the database, is the limit; more lanes
-(QUOTA_COALESCE_LANES) overlap database round trips where there are cores to spare."""
+batch ran and decides the batch set-based in one transaction with one commit
+(QuotaEngine.consume_batch). A request that arrives at an idle lane whose previous batch
+was a single request is decided at once, never held back for company; under load (the
+previous batch had company) the lane first waits — at most `gather_s` — until as many
+requests have queued as last time, so batches do not shrink just because the database
+answered quickly. One lane is the default: a batch holds any mix of tenants, and on a
+small machine the CPU, not the database, is the limit; more lanes (QUOTA_COALESCE_LANES)
+overlap database round trips where there are cores to spare."""
 
 from __future__ import annotations
 
@@ -23,18 +26,32 @@ _Item = tuple[ConsumeRequest, "asyncio.Future[Decision]"]
 
 
 @dataclass
+class _Lane:
+    queue: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
+    last: int = 1  # size of the lane's previous batch
+    want: int = 0  # while gathering: wake up once this many requests have queued
+    wake: asyncio.Future[None] | None = None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+@dataclass
 class Coalescer:
     engine: QuotaEngine
     lanes: int = 8
     max_batch: int = 128
+    gather_s: float = 0.002  # the longest a request waits for company (0: never)
     batches: int = 0  # for metrics and tests
     requests: int = 0
-    _queues: list[asyncio.Queue[_Item]] = field(default_factory=list)
+    _lanes: list[_Lane] = field(default_factory=list)
     _workers: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self) -> None:
-        self._queues = [asyncio.Queue() for _ in range(max(1, self.lanes))]
-        self._workers = [asyncio.create_task(self._lane(q)) for q in self._queues]
+        self._lanes = [_Lane() for _ in range(max(1, self.lanes))]
+        self._workers = [asyncio.create_task(self._run(lane)) for lane in self._lanes]
 
     async def stop(self) -> None:
         for worker in self._workers:
@@ -44,18 +61,37 @@ class Coalescer:
                 await worker
 
     async def consume(self, req: ConsumeRequest) -> Decision:
-        if not self._queues:
+        if not self._lanes:
             return await self.engine.consume(req)
-        lane = zlib.crc32(req.tenant_id.encode()) % len(self._queues)
+        lane = self._lanes[zlib.crc32(req.tenant_id.encode()) % len(self._lanes)]
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._queues[lane].put_nowait((req, future))
+        lane.queue.put_nowait((req, future))
+        if lane.wake is not None and lane.queue.qsize() >= lane.want:
+            _resolve(lane.wake)
         return await future
 
-    async def _lane(self, queue: asyncio.Queue[_Item]) -> None:
+    async def _gather(self, lane: _Lane, want: int) -> None:
+        """Wait until `want` requests have queued, or `gather_s` has passed."""
+        loop = asyncio.get_running_loop()
+        lane.want = want
+        lane.wake = woken = loop.create_future()
+        timer = loop.call_later(self.gather_s, _resolve, woken)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            lane.wake = None
+
+    async def _run(self, lane: _Lane) -> None:
+        queue = lane.queue
         while True:
             batch = [await queue.get()]
+            want = min(lane.last, self.max_batch) - 1
+            if self.gather_s > 0 and queue.qsize() < want:
+                await self._gather(lane, want)
             while not queue.empty() and len(batch) < self.max_batch:
                 batch.append(queue.get_nowait())
+            lane.last = len(batch)
             live = [(req, fut) for req, fut in batch if not fut.cancelled()]
             if not live:
                 continue

@@ -163,7 +163,11 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     )
     registry = CollectorRegistry()
     coalescer = (
-        Coalescer(engine, lanes=max(1, min(settings.coalesce_lanes, settings.db_pool_size)))
+        Coalescer(
+            engine,
+            lanes=max(1, min(settings.coalesce_lanes, settings.db_pool_size)),
+            gather_s=settings.coalesce_gather_us / 1_000_000,
+        )
         if settings.coalesce_requests
         else None
     )

@@ -1,0 +1,74 @@
+"""How the coalescer forms batches: alone when idle, gathered (boundedly) under load."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import cast
+
+from billing_core.errors import QuotaError
+from billing_core.limits import Reason
+from billing_core.quota_engine import QuotaEngine
+from billing_core.usage import ConsumeRequest, Decision
+from quota_service.coalescer import Coalescer
+
+
+class _Recorder:
+    """Stands in for the engine: records each batch's request_ids and allows all."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    async def consume_batch(self, reqs: Sequence[ConsumeRequest]) -> list[Decision | QuotaError]:
+        self.batches.append([r.request_id for r in reqs])
+        await asyncio.sleep(0)  # a database round trip, in spirit
+        return [Decision(True, Reason.ALLOWED, ()) for _ in reqs]
+
+
+def _req(request_id: str) -> ConsumeRequest:
+    return ConsumeRequest("t", "messages", 1, request_id)
+
+
+async def _started(gather_s: float) -> tuple[Coalescer, _Recorder]:
+    recorder = _Recorder()
+    coalescer = Coalescer(cast(QuotaEngine, recorder), lanes=1, gather_s=gather_s)
+    coalescer.start()
+    return coalescer, recorder
+
+
+async def test_a_request_at_an_idle_lane_is_decided_alone_and_at_once() -> None:
+    coalescer, recorder = await _started(gather_s=3600)  # a wait would outlast the test
+    try:
+        for request_id in ("a", "b"):
+            # the safety net only: a lone request must never wait for the hour-long bound
+            assert (await asyncio.wait_for(coalescer.consume(_req(request_id)), 60)).allowed
+    finally:
+        await coalescer.stop()
+    assert recorder.batches == [["a"], ["b"]]
+
+
+async def test_under_load_a_batch_waits_for_as_many_requests_as_last_time() -> None:
+    coalescer, recorder = await _started(gather_s=3600)  # woken by the count, not the bound
+    try:
+        await asyncio.gather(*(coalescer.consume(_req(f"first-{i}")) for i in range(3)))
+        # one request now, two more a few loop turns later: one batch of three
+        lone = asyncio.ensure_future(coalescer.consume(_req("x")))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not lone.done()  # waiting for company
+        rest = [asyncio.ensure_future(coalescer.consume(_req(f"y{i}"))) for i in range(2)]
+        await asyncio.wait_for(asyncio.gather(lone, *rest), 60)  # safety net only
+    finally:
+        await coalescer.stop()
+    assert recorder.batches == [["first-0", "first-1", "first-2"], ["x", "y0", "y1"]]
+
+
+async def test_the_wait_for_company_is_bounded() -> None:
+    coalescer, recorder = await _started(gather_s=0.01)
+    try:
+        await asyncio.gather(*(coalescer.consume(_req(f"first-{i}")) for i in range(3)))
+        assert (await coalescer.consume(_req("alone"))).allowed  # nobody comes: it goes
+        assert (await coalescer.consume(_req("next"))).allowed  # and the lane is idle again
+    finally:
+        await coalescer.stop()
+    assert recorder.batches[1:] == [["alone"], ["next"]]

@@ -1,0 +1,29 @@
+"""Settings come from the environment, typed and checked once."""
+
+from __future__ import annotations
+
+import pytest
+
+from billing_core.errors import InvalidRequest
+from billing_core.settings import Settings
+
+
+def test_defaults_and_overrides() -> None:
+    assert Settings.from_env({}).coalesce_gather_us == 2000
+    env = {"QUOTA_COALESCE_GATHER_US": "0", "QUOTA_COALESCE_LANES": "2"}
+    settings = Settings.from_env(env)
+    assert (settings.coalesce_gather_us, settings.coalesce_lanes) == (0, 2)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QUOTA_COALESCE_GATHER_US": "-1"}, "QUOTA_COALESCE_GATHER_US must be between"),
+        ({"QUOTA_COALESCE_GATHER_US": "100001"}, "QUOTA_COALESCE_GATHER_US must be between"),
+        ({"QUOTA_COALESCE_GATHER_US": "2ms"}, "must be an integer"),
+        ({"IDEMPOTENCY_TTL_HOURS": "1"}, "IDEMPOTENCY_TTL_HOURS must be at least 24"),
+    ],
+)
+def test_bad_values_are_refused_with_the_setting_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        Settings.from_env(env)
