@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from billing_core import catalog
@@ -213,6 +214,11 @@ async def seed(database_url: str, cfg: Config) -> None:
         await pool.close()
 
 
+def vacuum(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+
+
 async def add_history(database_url: str, rows: int) -> float:
     """`rows` historic usage records (a year back, across the tenants); returns seconds."""
     started = time.monotonic()
@@ -388,7 +394,9 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
                     print(f"  {server_name:24} {scenario:12} {n:3} in flight: "
                           f"{results[-1].calls_per_s:8,.0f} calls/s", flush=True)  # fmt: skip
             server.stop()
+            vacuum(url)  # the next server starts where this one did: no autovacuum mid-run
         history_s = asyncio.run(add_history(url, cfg.history_rows))
+        vacuum(url)
         server = start_sidecar(url, coalesce=True)
         servers.append(server)
         results.append(drive(server, "history", 64, cfg))

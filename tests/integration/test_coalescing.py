@@ -311,7 +311,9 @@ async def test_a_changed_plan_is_enforced_by_the_very_next_batch(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    values=st.lists(st.text(st.characters(blacklist_characters="\x00"), max_size=12), max_size=6)
+    values=st.lists(
+        st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12), max_size=6
+    )
 )
 async def test_text_array_literals_round_trip(pool: Pool, values: list[str]) -> None:
     """The batch statements get their text[] parameters as literals: any string (quotes,
