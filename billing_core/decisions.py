@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from billing_core.db.quota_store import CounterKey, PlanOffer, TenantContext, UsageRecordRow
 from billing_core.errors import InvalidRequest
@@ -29,6 +29,7 @@ from billing_core.pricing import TokenUsage
 from billing_core.usage import ConsumeRequest, Decision, WindowView
 
 Counts = Mapping[CounterKey, tuple[int, int]]
+K = TypeVar("K")
 Notification = tuple[str, str, str, dict[str, Any]]  # kind, dedupe_key, message, details
 
 
@@ -52,9 +53,7 @@ def reused_request_id(request_id: str, operation: str) -> InvalidRequest:
     )
 
 
-def add_delta(
-    deltas: dict[CounterKey, tuple[int, int]], key: CounterKey, used: int, reserved: int
-) -> None:
+def add_delta(deltas: dict[K, tuple[int, int]], key: K, used: int, reserved: int) -> None:
     du, dr = deltas.get(key, (0, 0))
     deltas[key] = (du + used, dr + reserved)
 
@@ -104,13 +103,7 @@ def allowed(
     cost: int,
 ) -> Decision:
     """The allowed decision: windows as they are after the request takes effect."""
-    return Decision(
-        allowed=True,
-        reason=Reason.ALLOWED,
-        windows=window_views(quotas, windows, counts, req.resource, req.amount, ctx.unlimited),
-        cost_micros=cost,
-        wallet_balance_micros=ctx.wallet_live_micros,
-    )
+    return _decision(ctx, quotas, windows, counts, req, cost, Verdict(True, Reason.ALLOWED))
 
 
 def denial(
@@ -124,14 +117,40 @@ def denial(
     now: datetime,
 ) -> Decision:
     """The denial; upgrade_plan_id carries the current plan until choose_upgrade runs."""
-    return Decision(
-        allowed=False,
-        reason=verdict.reason,
-        windows=window_views(quotas, windows, counts, req.resource, 0, ctx.unlimited),
-        cost_micros=cost,
-        wallet_balance_micros=ctx.wallet_live_micros,
+    return _decision(
+        ctx,
+        quotas,
+        windows,
+        counts,
+        req,
+        cost,
+        verdict,
         message=denial_message(verdict, req.resource, ctx.timezone, now, req.amount),
         upgrade_plan_id=ctx.plan_id or "",
+    )
+
+
+def _decision(
+    ctx: TenantContext,
+    quotas: Sequence[Quota],
+    windows: Sequence[Window],
+    counts: Counts,
+    req: ConsumeRequest,
+    cost: int,
+    verdict: Verdict,
+    *,
+    message: str = "",
+    upgrade_plan_id: str = "",
+) -> Decision:
+    added = req.amount if verdict.allowed else 0  # a denial changes nothing
+    return Decision(
+        allowed=verdict.allowed,
+        reason=verdict.reason,
+        windows=window_views(quotas, windows, counts, req.resource, added, ctx.unlimited),
+        cost_micros=cost,
+        wallet_balance_micros=ctx.wallet_live_micros,
+        message=message,
+        upgrade_plan_id=upgrade_plan_id,
     )
 
 

@@ -188,7 +188,7 @@ async def decide_batch(
         if isinstance(result, Decision) and not result.allowed and not result.replayed:
             denials.append(i)
 
-    # round trip 3 (the caller's): the writes, the upgrade offers for denials, the commit
+    # the last round trip (the caller's): the writes, the offers for denials, the commit
     writes.dropped = [k for k in created if k not in writes.deltas]
     writes_p = await bs.send_writes(conn, writes, now, now + idempotency_ttl)
     wanted = sorted(
@@ -306,10 +306,8 @@ def _apply(
         writes.notes.append((tenant_id, *note))
     for w in windows:
         key = (req.resource, w.period, w.start)
-        used, reserved = state.counts[key]
-        state.counts[key] = (used + req.amount, reserved)
-        du, dr = writes.deltas.get((tenant_id, *key), (0, 0))
-        writes.deltas[(tenant_id, *key)] = (du + req.amount, dr)
+        decisions.add_delta(state.counts, key, req.amount, 0)
+        decisions.add_delta(writes.deltas, (tenant_id, *key), req.amount, 0)
     record_id = new_id("ur", now)
     writes.records.append(
         (tenant_id, decisions.consume_record(req, record_id, state.ctx.plan_id, cost, charge, now))
