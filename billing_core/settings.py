@@ -114,6 +114,10 @@ class Settings:
             raise InvalidRequest("QUOTA_TLS_CERT_FILE and QUOTA_TLS_KEY_FILE go together")
         if self.idempotency_ttl_hours < 24:
             raise InvalidRequest("IDEMPOTENCY_TTL_HOURS must be at least 24")
+        if not 1 <= self.coalesce_lanes <= 64:
+            raise InvalidRequest("QUOTA_COALESCE_LANES must be between 1 and 64")
+        if self.db_pool_size < 1:
+            raise InvalidRequest("QUOTA_DB_POOL_SIZE must be at least 1")
         if not 0 <= self.coalesce_gather_us <= 100_000:
             raise InvalidRequest("QUOTA_COALESCE_GATHER_US must be between 0 and 100000")
         if self.past_due_grace_days < 0:

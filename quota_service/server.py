@@ -70,6 +70,7 @@ class QuotaServer:
     registry: CollectorRegistry
     port: int
     coalescer: Coalescer | None = None
+    batch_pool: AsyncConnectionPool[Any] | None = None  # the coalescing lanes' connections
     metrics_port: int = 0
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: Any = None
@@ -137,6 +138,8 @@ class QuotaServer:
             await self.coalescer.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        if self.batch_pool is not None:
+            await self.batch_pool.close()
         await self.pool.close()
         log.info("quota_service_stopped")
 
@@ -147,6 +150,10 @@ class QuotaServer:
 async def create_server(settings: Settings, *, clock: Clock | None = None) -> QuotaServer:
     """Open the pool and build a server bound to settings.grpc_host:grpc_port (0 = free port)."""
     pool = await open_pool(settings.require_database(), settings.db_pool_size)
+    lanes = settings.coalesce_lanes
+    batch_pool = (
+        await open_pool(settings.require_database(), lanes) if settings.coalesce_requests else None
+    )
     engine = QuotaEngine(
         pool,
         clock or SystemClock(),
@@ -155,6 +162,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
             past_due_grace=timedelta(days=settings.past_due_grace_days),
             acquire_timeout_s=settings.db_acquire_timeout_ms / 1000,
         ),
+        batch_pool=batch_pool,
     )
     interceptors = [TokenInterceptor(settings.grpc_auth_token)] if settings.grpc_auth_token else []
     server = grpc.aio.server(
@@ -165,7 +173,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     coalescer = (
         Coalescer(
             engine,
-            lanes=max(1, min(settings.coalesce_lanes, settings.db_pool_size)),
+            lanes=lanes,
             gather_s=settings.coalesce_gather_us / 1_000_000,
         )
         if settings.coalesce_requests
@@ -188,7 +196,9 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
         port = server.add_secure_port(address, _tls_credentials(settings))
     else:
         port = server.add_insecure_port(address)
-    return QuotaServer(settings, server, pool, engine, health, registry, port, coalescer)
+    return QuotaServer(
+        settings, server, pool, engine, health, registry, port, coalescer, batch_pool
+    )
 
 
 def _tls_credentials(settings: Settings) -> grpc.ServerCredentials:

@@ -69,6 +69,24 @@ async def test_check_and_consume_over_grpc(sidecar: QuotaServer, pool: Pool, uid
     assert records == [({"agent": "writer"},)]
 
 
+async def test_coalesced_calls_keep_to_the_lanes_own_connection(
+    sidecar: QuotaServer, pool: Pool, uid: str
+) -> None:
+    """Batches run on the lanes' pool (one connection per lane), not on the shared pool that
+    hands its connections out in turn: one warm backend decides every batch."""
+    batch_pool = sidecar.batch_pool
+    assert batch_pool is not None and batch_pool.max_size == sidecar.settings.coalesce_lanes == 1
+    plan = await f.plan(pool, NOW, uid, [quota("messages", "daily", 100)])
+    t = await f.tenant(pool, NOW, f"t-{uid}", plan)
+    batches = batch_pool.get_stats().get("requests_num", 0)
+    shared = sidecar.pool.get_stats().get("requests_num", 0)
+    async with AsyncQuotaClient(target(sidecar)) as client:
+        for _ in range(12):
+            assert (await client.check_and_consume(t, "messages", 1)).allowed
+    assert batch_pool.get_stats().get("requests_num", 0) - batches == 12
+    assert sidecar.pool.get_stats().get("requests_num", 0) - shared < 12  # health pings only
+
+
 async def test_reserve_context_manager_commits_or_releases(
     sidecar: QuotaServer, pool: Pool, uid: str
 ) -> None:
