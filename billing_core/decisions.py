@@ -101,9 +101,23 @@ def allowed(
     counts: Counts,
     req: ConsumeRequest,
     cost: int,
+    *,
+    wallet_balance_micros: int | None = None,
+    usage_record_id: str = "",
 ) -> Decision:
-    """The allowed decision: windows as they are after the request takes effect."""
-    return _decision(ctx, quotas, windows, counts, req, cost, Verdict(True, Reason.ALLOWED))
+    """The allowed decision: windows as they are after the request takes effect; the
+    balance after its charge and its record when they are known already."""
+    return _decision(
+        ctx,
+        quotas,
+        windows,
+        counts,
+        req,
+        cost,
+        Verdict(True, Reason.ALLOWED),
+        wallet_balance_micros=wallet_balance_micros,
+        usage_record_id=usage_record_id,
+    )
 
 
 def denial(
@@ -141,6 +155,8 @@ def _decision(
     *,
     message: str = "",
     upgrade_plan_id: str = "",
+    wallet_balance_micros: int | None = None,
+    usage_record_id: str = "",
 ) -> Decision:
     added = req.amount if verdict.allowed else 0  # a denial changes nothing
     return Decision(
@@ -148,7 +164,10 @@ def _decision(
         reason=verdict.reason,
         windows=window_views(quotas, windows, counts, req.resource, added, ctx.unlimited),
         cost_micros=cost,
-        wallet_balance_micros=ctx.wallet_live_micros,
+        wallet_balance_micros=ctx.wallet_live_micros
+        if wallet_balance_micros is None
+        else wallet_balance_micros,
+        usage_record_id=usage_record_id,
         message=message,
         upgrade_plan_id=upgrade_plan_id,
     )

@@ -282,11 +282,27 @@ def _decide_one(
             verdict = decide(wcs, req.amount, cost, balance - held, unlimited=ctx.unlimited)
     if not verdict.allowed:
         return decisions.denial(ctx, quotas, windows, counts, req, cost, verdict, now)
-    answer = decisions.allowed(ctx, quotas, windows, counts, req, cost)
     if req.dry_run:
-        return answer
-    return _apply(state, req, quotas, windows, cost, verdict.charge_micros, answer, fingerprint,
-                  now, writes)  # fmt: skip
+        return decisions.allowed(ctx, quotas, windows, counts, req, cost)
+    charge = verdict.charge_micros
+    if charge:
+        assert state.wallet is not None  # decide() let the wallet pay, so it was locked
+        balance = state.wallet[0] - charge
+    else:
+        balance = ctx.wallet_live_micros
+    record_id = new_id("ur", now)
+    decision = decisions.allowed(
+        ctx,
+        quotas,
+        windows,
+        counts,
+        req,
+        cost,
+        wallet_balance_micros=balance,
+        usage_record_id=record_id,
+    )
+    _apply(state, req, quotas, windows, cost, charge, decision, fingerprint, now, writes)
+    return decision
 
 
 def _apply(
@@ -296,11 +312,12 @@ def _apply(
     windows: tuple[Window, ...],
     cost: int,
     charge: int,
-    answer: Decision,
+    decision: Decision,
     fingerprint: str,
     now: datetime,
     writes: BatchWrites,
-) -> Decision:
+) -> None:
+    """Queue the writes of an allowed request and carry its effect into the batch state."""
     tenant_id = req.tenant_id
     for note in decisions.thresholds(quotas, windows, state.counts, req.resource, req.amount):
         writes.notes.append((tenant_id, *note))
@@ -308,30 +325,27 @@ def _apply(
         key = (req.resource, w.period, w.start)
         decisions.add_delta(state.counts, key, req.amount, 0)
         decisions.add_delta(writes.deltas, (tenant_id, *key), req.amount, 0)
-    record_id = new_id("ur", now)
+    record_id = decision.usage_record_id
     writes.records.append(
         (tenant_id, decisions.consume_record(req, record_id, state.ctx.plan_id, cost, charge, now))
     )
-    balance = state.ctx.wallet_live_micros
     if charge:
-        assert state.wallet is not None  # decide() let the wallet pay, so it was locked
+        assert state.wallet is not None
         taken = allocate_debit(state.grants, charge)
         left = dict(taken)
         state.grants = [
-            replace(g, remaining_micros=g.remaining_micros - left.get(g.grant_id, 0))
+            LiveGrant(g.grant_id, g.remaining_micros - left[g.grant_id], g.expires_at)
+            if g.grant_id in left
+            else g
             for g in state.grants
         ]
         writes.debits += [(tenant_id, g, m) for g, m in taken]
         writes.ledger += [(tenant_id, g, "debit", -m, record_id, "usage") for g, m in taken]
-        wallet_balance, held = state.wallet
-        balance = wallet_balance - charge
-        state.wallet = writes.wallets[tenant_id] = (balance, held)
+        state.wallet = writes.wallets[tenant_id] = (decision.wallet_balance_micros, state.wallet[1])
         state.ctx = replace(state.ctx, wallet_live_micros=state.ctx.wallet_live_micros - charge)
-    decision = replace(answer, wallet_balance_micros=balance, usage_record_id=record_id)
     response = decision.to_json()
     state.taken[req.request_id] = (OPERATION, fingerprint, response)
     writes.claims.append((tenant_id, req.request_id, OPERATION, fingerprint, response))
-    return decision
 
 
 def _current_plan(result: Decision | QuotaError) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import structlog
@@ -37,6 +37,22 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
             registry=registry,
         )
+        # labelled children, looked up once per label set rather than on every call
+        self._decided: dict[tuple[str, str, str], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
+
+    def decided(self, method: str, reason: str, resource: str) -> None:
+        key = (method, reason, resource)
+        child = self._decided.get(key)
+        if child is None:
+            child = self._decided[key] = self.decisions.labels(*key)
+        child.inc()
+
+    def timed(self, method: str, code: str, seconds: float) -> None:
+        child = self._timed.get((method, code))
+        if child is None:
+            child = self._timed[(method, code)] = self.latency.labels(method, code)
+        child.observe(seconds)
 
 
 class QuotaServicer(pb_grpc.QuotaServiceServicer):
@@ -65,7 +81,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             await context.abort(status, exc.message)
             raise  # pragma: no cover - abort raises
         finally:
-            self._metrics.latency.labels(method, code).observe(time.perf_counter() - started)
+            self._metrics.timed(method, code, time.perf_counter() - started)
 
     async def CheckAndConsume(
         self,
@@ -74,9 +90,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     ) -> pb.CheckAndConsumeResponse:
         async def work() -> pb.CheckAndConsumeResponse:
             decision = await self._consume(convert.consume_request(request))
-            self._metrics.decisions.labels(
-                "CheckAndConsume", decision.reason.value, request.resource
-            ).inc()
+            self._metrics.decided("CheckAndConsume", decision.reason.value, request.resource)
             return convert.consume_response(decision)
 
         return await self._call("CheckAndConsume", context, work)  # type: ignore[arg-type]
@@ -88,7 +102,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
     ) -> pb.ReserveResponse:
         async def work() -> pb.ReserveResponse:
             decision = await self._engine.reserve(convert.reserve_request(request))
-            self._metrics.decisions.labels("Reserve", decision.reason.value, request.resource).inc()
+            self._metrics.decided("Reserve", decision.reason.value, request.resource)
             return convert.reserve_response(decision)
 
         return await self._call("Reserve", context, work)  # type: ignore[arg-type]

@@ -8,11 +8,12 @@ quota_store (counters → wallet row → grants), by tenant first.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
+
+import orjson
 
 from billing_core.db.quota_store import (
     CLAIM_UNLESS_LIVE,
@@ -123,7 +124,8 @@ def text_array(values: Iterable[str]) -> str:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    # orjson: a batch's records and stored answers, ~15 times faster than json.dumps
+    return orjson.dumps(value).decode()
 
 
 def _key_json(key: TenantKey) -> list[str]:

@@ -46,7 +46,8 @@ class TenantContext:
 
 # One round trip: the tenant, its current subscription and plan, the live wallet, the
 # quotas (overrides first: they win over the plan's quota of the same resource and period)
-# and whether expired reservations wait to be released.
+# and whether expired reservations wait to be released. The two flags are scalar subqueries,
+# not EXISTS: PostgreSQL 18 may plan an EXISTS as a hashed subplan that reads the whole table.
 CONTEXT_SQL = """
 SELECT t.tenant_id, t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_since,
        s.billing_cycle_anchor, coalesce(p.unlimited, false) AS unlimited,
@@ -66,12 +67,12 @@ SELECT t.tenant_id, t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, 
                  WHERE pq.plan_id = s.plan_id
                    AND (%(resources)s::text[] IS NULL OR resource = ANY(%(resources)s))) q)
          AS quotas,
-       EXISTS (SELECT 1 FROM reservations r
-                WHERE r.tenant_id = t.tenant_id AND r.status = 'active'
-                  AND r.expires_at <= %(now)s) AS has_expired_reservations,
-       EXISTS (SELECT 1 FROM wallet_grants g
-                WHERE g.tenant_id = t.tenant_id AND NOT g.expired
-                  AND g.expires_at <= %(now)s) AS has_due_grants
+       coalesce((SELECT true FROM reservations r
+                  WHERE r.tenant_id = t.tenant_id AND r.status = 'active'
+                    AND r.expires_at <= %(now)s LIMIT 1), false) AS has_expired_reservations,
+       coalesce((SELECT true FROM wallet_grants g
+                  WHERE g.tenant_id = t.tenant_id AND NOT g.expired
+                    AND g.expires_at <= %(now)s LIMIT 1), false) AS has_due_grants
 FROM tenants t
 LEFT JOIN subscriptions s ON s.tenant_id = t.tenant_id AND s.is_current
 LEFT JOIN plans p ON p.plan_id = s.plan_id

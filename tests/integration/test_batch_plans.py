@@ -38,7 +38,7 @@ BIG_TABLES = (
 )
 
 
-async def _populate(url: str) -> None:
+async def _populate(url: str, tenants: int = TENANTS, *, analyze: bool = True) -> str:
     async with await AsyncConnection.connect(url, autocommit=True) as conn:
         await catalog.set_model_price(conn, "p", "m", 1_000_000, 0, NOW - timedelta(days=1))
         plan = await catalog.create_plan(
@@ -54,35 +54,47 @@ async def _populate(url: str) -> None:
             ),
             NOW - timedelta(days=40),
         )
-        then = NOW - timedelta(days=40)
-        for sql in (
-            "INSERT INTO tenants (tenant_id, name, timezone, created_at)"
-            " SELECT 'g-' || i, 'g', 'UTC', %(then)s FROM generate_series(1, %(n)s) i",
-            "INSERT INTO subscriptions (tenant_id, subscription_id, plan_id, status, is_current,"
-            " billing_cycle_anchor, created_at, updated_at)"
-            " SELECT 'g-' || i, 'sub-g-' || i, %(plan)s, 'active', true, %(then)s, %(then)s,"
-            " %(then)s FROM generate_series(1, %(n)s) i",
-            "INSERT INTO wallets (tenant_id, balance_micros, held_micros, updated_at)"
-            " SELECT 'g-' || i, 10000000, 0, %(then)s FROM generate_series(1, %(n)s) i",
-            "INSERT INTO wallet_grants (tenant_id, grant_id, grant_key, source, amount_micros,"
-            " remaining_micros, created_at)"
-            " SELECT 'g-' || i, 'gr-' || i, 'k-' || i, 'manual', 10000000, 10000000, %(then)s"
-            " FROM generate_series(1, %(n)s) i",
-            "INSERT INTO idempotency_keys (tenant_id, request_id, operation, request_hash,"
-            " response, created_at, expires_at)"
-            " SELECT 'g-' || (i %% %(n)s + 1), 'old-' || i, 'consume', 'h', '{}', %(then)s,"
-            " %(now)s + interval '1 hour' FROM generate_series(1, 2 * %(n)s) i",
-            "INSERT INTO usage_counters (tenant_id, resource, period, window_start, used)"
-            " SELECT 'g-' || (i %% %(n)s + 1), 'messages', 'daily',"
-            " %(then)s + (i / %(n)s) * interval '1 day', 1"
-            " FROM generate_series(0, 2 * %(n)s - 1) i",
-            "INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,"
-            " request_id, cost_micros, occurred_at)"
-            " SELECT 'g-' || (i %% %(n)s + 1), 'ur-old-' || i, 'messages', 1, 'consume',"
-            " 'old-' || i, 0, %(then)s FROM generate_series(1, 2 * %(n)s) i",
-        ):
-            await conn.execute(sql, {"then": then, "now": NOW, "n": TENANTS, "plan": plan})
-        await conn.execute("ANALYZE")
+        await _grow(conn, plan, 0, tenants)
+        if analyze:
+            await conn.execute("ANALYZE")
+        return plan
+
+
+async def _grow(conn: AsyncConnection[Any], plan: str, first: int, n: int) -> None:
+    """Tenants g-{first+1}..g-{first+n}, each with a subscription, a wallet and a grant, two
+    idempotency keys, two counters and two usage records."""
+    then = NOW - timedelta(days=40)
+    args = {"then": then, "now": NOW, "first": first, "n": n, "plan": plan}
+    for sql in (
+        "INSERT INTO tenants (tenant_id, name, timezone, created_at)"
+        " SELECT 'g-' || i, 'g', 'UTC', %(then)s"
+        " FROM generate_series(%(first)s + 1, %(first)s + %(n)s) i",
+        "INSERT INTO subscriptions (tenant_id, subscription_id, plan_id, status, is_current,"
+        " billing_cycle_anchor, created_at, updated_at)"
+        " SELECT 'g-' || i, 'sub-g-' || i, %(plan)s, 'active', true, %(then)s, %(then)s,"
+        " %(then)s FROM generate_series(%(first)s + 1, %(first)s + %(n)s) i",
+        "INSERT INTO wallets (tenant_id, balance_micros, held_micros, updated_at)"
+        " SELECT 'g-' || i, 10000000, 0, %(then)s"
+        " FROM generate_series(%(first)s + 1, %(first)s + %(n)s) i",
+        "INSERT INTO wallet_grants (tenant_id, grant_id, grant_key, source, amount_micros,"
+        " remaining_micros, created_at)"
+        " SELECT 'g-' || i, 'gr-' || i, 'k-' || i, 'manual', 10000000, 10000000, %(then)s"
+        " FROM generate_series(%(first)s + 1, %(first)s + %(n)s) i",
+        "INSERT INTO idempotency_keys (tenant_id, request_id, operation, request_hash,"
+        " response, created_at, expires_at)"
+        " SELECT 'g-' || (%(first)s + i %% %(n)s + 1), 'old-' || i, 'consume', 'h', '{}',"
+        " %(then)s, %(now)s + interval '1 hour' FROM generate_series(1, 2 * %(n)s) i",
+        "INSERT INTO usage_counters (tenant_id, resource, period, window_start, used)"
+        " SELECT 'g-' || (%(first)s + i %% %(n)s + 1), 'messages', 'daily',"
+        " %(then)s + (i / %(n)s) * interval '1 day', 1"
+        " FROM generate_series(0, 2 * %(n)s - 1) i",
+        "INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,"
+        " request_id, cost_micros, occurred_at)"
+        " SELECT 'g-' || (%(first)s + i %% %(n)s + 1), 'ur-old-' || %(first)s || '-' || i,"
+        " 'messages', 1, 'consume', 'old-' || i, 0, %(then)s"
+        " FROM generate_series(1, 2 * %(n)s) i",
+    ):
+        await conn.execute(sql, args)
 
 
 async def _scans(url: str) -> dict[str, int]:
@@ -114,30 +126,64 @@ async def _settled(url: str) -> dict[str, int]:
     return last
 
 
+async def _batches(engine: QuotaEngine, rng: random.Random, count: int, tenants: int) -> None:
+    answers: list[Any] = []
+    for batch in range(count):
+        reqs = []
+        for i in range(rng.randint(1, 24)):
+            tenant = f"g-{rng.randint(1, tenants)}"
+            request_id = f"b{batch}-{rng.random()}-{i}"
+            if rng.random() < 0.5:
+                reqs.append(ConsumeRequest(tenant, "messages", 1, request_id))
+            else:
+                tokens = TokenUsage("p", "m", 30, 0)
+                reqs.append(ConsumeRequest(tenant, "tokens", 30, request_id, False, tokens))
+        answers += await engine.consume_batch(reqs)
+    assert answers and all(isinstance(a, Decision) and a.allowed for a in answers)
+
+
+def _added(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before.get(name, 0) for name in after}
+
+
 async def test_batches_never_scan_a_big_table(server_url: str) -> None:
     with fresh_database(server_url, "bp_plans") as url:
         await _populate(url)
         before = await _settled(url)
         pool = await open_pool(url, 2)
-        rng = random.Random(7)
-        answers: list[Any] = []
         try:
             engine = QuotaEngine(pool, FrozenClock(NOW), QuotaRules())
-            for batch in range(40):  # > 5 runs of each statement: generic plans may be chosen
-                reqs = []
-                for i in range(rng.randint(1, 24)):
-                    tenant = f"g-{rng.randint(1, TENANTS)}"
-                    if rng.random() < 0.5:
-                        reqs.append(ConsumeRequest(tenant, "messages", 1, f"b{batch}-{i}"))
-                    else:
-                        tokens = TokenUsage("p", "m", 30, 0)
-                        reqs.append(
-                            ConsumeRequest(tenant, "tokens", 30, f"b{batch}-{i}", False, tokens)
-                        )
-                answers += await engine.consume_batch(reqs)
+            # > 5 runs of each statement: generic plans may be chosen
+            await _batches(engine, random.Random(7), 40, TENANTS)
         finally:
             await pool.close()
         after = await _settled(url)
-    assert answers and all(isinstance(a, Decision) and a.allowed for a in answers)
-    added = {name: after[name] - before.get(name, 0) for name in after}
+    added = _added(before, after)
     assert added == {name: 0 for name in after}, f"scans added by the batches: {added}"
+
+
+async def test_plans_made_while_the_tables_were_small_survive_their_growth(
+    server_url: str,
+) -> None:
+    """A sidecar starts on a young database, its statements' plans are cached, then the
+    tables grow by thousands of rows before anything analyzes them again (as in `make
+    bench`, and in any fresh deployment): the cached plans must still use the indexes."""
+    with fresh_database(server_url, "bp_growth") as url:
+        plan = await _populate(url, 40)
+        async with await AsyncConnection.connect(url, autocommit=True) as conn:
+            for table in BIG_TABLES:  # nothing may analyze them behind the test's back
+                await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = off)")
+        pool = await open_pool(url, 1)
+        rng = random.Random(11)
+        try:
+            engine = QuotaEngine(pool, FrozenClock(NOW), QuotaRules())
+            await _batches(engine, rng, 12, 40)  # plans made, on tables of a few pages
+            async with await AsyncConnection.connect(url, autocommit=True) as conn:
+                await _grow(conn, plan, 40, TENANTS)
+            before = await _settled(url)
+            await _batches(engine, rng, 20, 40 + TENANTS)
+            after = await _settled(url)
+        finally:
+            await pool.close()
+    added = _added(before, after)
+    assert added == {name: 0 for name in after}, f"scans added after the growth: {added}"
