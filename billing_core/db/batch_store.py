@@ -44,7 +44,8 @@ class Reads:
     taken: dict[tuple[str, str], StoredKey]  # live idempotency keys among the asked ones
 
 
-# Contexts, prices and live idempotency keys in one statement, each as one JSON column.
+# Contexts, prices and live idempotency keys in one statement, each as one JSON column
+# (sent as text: orjson parses it several times faster than psycopg's json.loads).
 # Every part reaches its rows through a primary key with array conditions: always an
 # index scan, whatever the table's size (a join against a JSON or array parameter can be
 # planned as a full scan); for the keys, the cross product of the two arrays is narrowed
@@ -53,10 +54,10 @@ class Reads:
 _READS_SQL = f"""
 SELECT
   (SELECT coalesce(json_agg(json_build_array({", ".join("c." + c for c in CONTEXT_COLUMNS)})),
-                   '[]'::json)
+                   '[]'::json)::text
      FROM ({CONTEXT_SQL}) c),
   (SELECT coalesce(json_agg(json_build_array(m.provider, m.model, m.effective_from,
-                   m.input_micros_per_million, m.output_micros_per_million)), '[]'::json)
+                   m.input_micros_per_million, m.output_micros_per_million)), '[]'::json)::text
      FROM (SELECT DISTINCT ON (m.provider, m.model) m.*
              FROM model_prices m
              JOIN unnest(%(providers)s::text[], %(models)s::text[]) AS u(p, mo)
@@ -65,7 +66,7 @@ SELECT
               AND m.effective_from <= %(now)s
             ORDER BY m.provider, m.model, m.effective_from DESC) m),
   (SELECT coalesce(json_agg(json_build_array(k.tenant_id, k.request_id, k.operation,
-                   k.request_hash, k.response, k.expires_at > %(now)s)), '[]'::json)
+                   k.request_hash, k.response, k.expires_at > %(now)s)), '[]'::json)::text
      FROM idempotency_keys k
     WHERE k.tenant_id = ANY(%(key_tenants)s::text[]) AND k.request_id = ANY(%(key_ids)s::text[]))
 """
@@ -99,7 +100,7 @@ async def send_reads(
     async def result() -> Reads:
         row = await cur.fetchone()
         assert row is not None
-        contexts, prices, taken = row
+        contexts, prices, taken = (orjson.loads(column) for column in row)
         for c in contexts:
             for i in CONTEXT_TIMESTAMPS:
                 c[i] = _timestamp(c[i])
