@@ -36,5 +36,7 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
         "windows_over_limit": 0,
         "wallet_off_ledger_micros": 0,
     }
-    assert "| measure | value | target | met |" in (tmp_path / "latest.md").read_text()
+    assert report["meta"]["rounds"] == 2
+    assert all(len(r["extra"]["calls_per_s_by_round"]) == 2 for r in report["results"])
+    assert "| measure | value | per round | target | met |" in (tmp_path / "latest.md").read_text()
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
