@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import NamedTuple
 
 from billing_core.periods import Window
 from billing_core.resources import Overage, Period
@@ -83,9 +84,9 @@ def access_reason(access: Access, now: datetime, grace: timedelta) -> Reason:
     return Reason.NO_ACTIVE_SUBSCRIPTION
 
 
-@dataclass(frozen=True, slots=True)
-class WindowCount:
-    """One window's quota and its counts as read under the row lock."""
+class WindowCount(NamedTuple):
+    """One window's quota and its counts as read under the row lock (a tuple: two are built
+    for every request a batch decides)."""
 
     quota: Quota
     window: Window

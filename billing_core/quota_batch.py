@@ -60,6 +60,7 @@ class _Tenant:
 
     ctx: TenantContext
     counts: dict[CounterKey, tuple[int, int]] = field(default_factory=dict)
+    spent: int = 0  # wallet micros this batch has charged since ctx was last brought up to date
     wallet: tuple[int, int] | None = None  # locked (balance, held); None: no wallet row
     grants: list[LiveGrant] = field(default_factory=list)
     taken: dict[str, StoredKey] = field(default_factory=dict)  # live request_ids
@@ -84,6 +85,14 @@ class _Tenant:
                 windows.append(window)
             found = self.windows[resource] = (quotas, tuple(windows))
         return found
+
+    def context(self) -> TenantContext:
+        """The context with the live wallet as the batch has left it so far."""
+        if self.spent:
+            live = self.ctx.wallet_live_micros - self.spent
+            self.ctx = replace(self.ctx, wallet_live_micros=live)
+            self.spent = 0
+        return self.ctx
 
 
 class ShapeMemo:
@@ -189,6 +198,11 @@ async def decide_batch(
             denials.append(i)
 
     # the last round trip (the caller's): the writes, the offers for denials, the commit
+    for t, state in tenants.items():
+        for key, (used, reserved) in state.counts.items():
+            was_used, was_reserved, _ = locked.counters[(t, *key)]
+            if (used, reserved) != (was_used, was_reserved):
+                writes.deltas[(t, *key)] = (used - was_used, reserved - was_reserved)
     writes.dropped = [k for k in created if k not in writes.deltas]
     writes_p = await bs.send_writes(conn, writes, now, now + idempotency_ttl)
     wanted = sorted(
@@ -276,20 +290,20 @@ def _decide_one(
         verdict = decide(wcs, req.amount, cost, NO_LIMIT, unlimited=ctx.unlimited)
         if verdict.allowed and verdict.charge_micros > 0:
             if req.dry_run:
-                balance, held = ctx.wallet_live_micros, 0
+                balance, held = ctx.wallet_live_micros - state.spent, 0
             else:
                 balance, held = state.wallet or (0, 0)
             verdict = decide(wcs, req.amount, cost, balance - held, unlimited=ctx.unlimited)
     if not verdict.allowed:
-        return decisions.denial(ctx, quotas, windows, counts, req, cost, verdict, now)
+        return decisions.denial(state.context(), quotas, windows, counts, req, cost, verdict, now)
     if req.dry_run:
-        return decisions.allowed(ctx, quotas, windows, counts, req, cost)
+        return decisions.allowed(state.context(), quotas, windows, counts, req, cost)
     charge = verdict.charge_micros
     if charge:
         assert state.wallet is not None  # decide() let the wallet pay, so it was locked
         balance = state.wallet[0] - charge
     else:
-        balance = ctx.wallet_live_micros
+        balance = ctx.wallet_live_micros - state.spent
     record_id = new_id("ur", now)
     decision = decisions.allowed(
         ctx,
@@ -321,10 +335,8 @@ def _apply(
     tenant_id = req.tenant_id
     for note in decisions.thresholds(quotas, windows, state.counts, req.resource, req.amount):
         writes.notes.append((tenant_id, *note))
-    for w in windows:
-        key = (req.resource, w.period, w.start)
-        decisions.add_delta(state.counts, key, req.amount, 0)
-        decisions.add_delta(writes.deltas, (tenant_id, *key), req.amount, 0)
+    for w in windows:  # the writes' deltas are these counts less the locked ones (decide_batch)
+        decisions.add_delta(state.counts, (req.resource, w.period, w.start), req.amount, 0)
     record_id = decision.usage_record_id
     writes.records.append(
         (tenant_id, decisions.consume_record(req, record_id, state.ctx.plan_id, cost, charge, now))
@@ -342,7 +354,7 @@ def _apply(
         writes.debits += [(tenant_id, g, m) for g, m in taken]
         writes.ledger += [(tenant_id, g, "debit", -m, record_id, "usage") for g, m in taken]
         state.wallet = writes.wallets[tenant_id] = (decision.wallet_balance_micros, state.wallet[1])
-        state.ctx = replace(state.ctx, wallet_live_micros=state.ctx.wallet_live_micros - charge)
+        state.spent += charge
     response = decision.to_json()
     state.taken[req.request_id] = (OPERATION, fingerprint, response)
     writes.claims.append((tenant_id, req.request_id, OPERATION, fingerprint, response))

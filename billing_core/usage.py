@@ -23,6 +23,7 @@ MAX_LABEL_CHARS = 256
 DEFAULT_TTL_SECONDS = 300
 MAX_TTL_SECONDS = 3600
 _EMPTY: Mapping[str, str] = {}
+_quote = json.encoder.encode_basestring_ascii  # a JSON string as json.dumps writes it
 
 
 def _require_text(name: str, value: str) -> None:
@@ -84,7 +85,11 @@ class ConsumeRequest:
             self.tokens.validate()
 
     def fingerprint(self, operation: str, extra: Mapping[str, Any] = _EMPTY) -> str:
-        """What must match for a retry with the same request_id to be the same request."""
+        """What must match for a retry with the same request_id to be the same request: the
+        SHA-256 of the request's canonical JSON (sorted keys, json.dumps' separators and
+        ASCII escapes), which is stored with the key and so must never change."""
+        if not extra:  # CheckAndConsume: the same text, written out several times faster
+            return hashlib.sha256(self._canonical(operation).encode()).hexdigest()
         tokens = self.tokens
         body = {
             "op": operation,
@@ -97,6 +102,20 @@ class ConsumeRequest:
             **extra,
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def _canonical(self, operation: str) -> str:
+        t = self.tokens
+        tokens = (
+            "null"
+            if t is None
+            else f"[{_quote(t.provider)}, {_quote(t.model)}, {t.input_tokens:d}, "
+            f"{t.output_tokens:d}]"
+        )
+        labels = ", ".join(f"{_quote(k)}: {_quote(v)}" for k, v in sorted(self.labels.items()))
+        return (
+            f'{{"amount": {self.amount:d}, "labels": {{{labels}}}, "op": {_quote(operation)}, '
+            f'"resource": {_quote(self.resource)}, "tokens": {tokens}}}'
+        )
 
 
 @dataclass(frozen=True, slots=True)

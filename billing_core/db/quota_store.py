@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
@@ -419,8 +419,7 @@ async def add_to_counters(
 # --- usage records, notifications, prices ---------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecordRow:
+class UsageRecordRow(NamedTuple):  # a row: a tuple is built several times faster
     usage_record_id: str
     resource: str
     amount: int
