@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from billing_core.errors import QuotaError
@@ -44,8 +45,9 @@ class Coalescer:
     lanes: int = 8
     max_batch: int = 128
     gather_s: float = 0.002  # the longest a request waits for company (0: never)
-    batches: int = 0  # for metrics and tests
+    batches: int = 0  # for tests
     requests: int = 0
+    on_batch: Callable[[int], None] | None = None  # told each batch's size (metrics)
     _lanes: list[_Lane] = field(default_factory=list)
     _workers: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -97,6 +99,8 @@ class Coalescer:
                 continue
             self.batches += 1
             self.requests += len(live)
+            if self.on_batch is not None:
+                self.on_batch(len(live))
             try:
                 results = await self.engine.consume_batch([req for req, _ in live])
             except Exception as exc:  # never leave a caller waiting

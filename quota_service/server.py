@@ -170,16 +170,18 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 1 << 20)],
     )
     registry = CollectorRegistry()
+    metrics = Metrics(registry)
     coalescer = (
         Coalescer(
             engine,
             lanes=lanes,
             gather_s=settings.coalesce_gather_us / 1_000_000,
+            on_batch=metrics.batch_size.observe,
         )
         if settings.coalesce_requests
         else None
     )
-    servicer = QuotaServicer(engine, Metrics(registry), coalescer)
+    servicer = QuotaServicer(engine, metrics, coalescer)
     pb_grpc.add_QuotaServiceServicer_to_server(servicer, server)
     health = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -37,6 +37,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
             registry=registry,
         )
+        self.batch_size = Histogram(
+            "quota_coalesced_batch_size",
+            "CheckAndConsume requests decided together in one transaction",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=registry,
+        )
         # labelled children, looked up once per label set rather than on every call
         self._decided: dict[tuple[str, str, str], Any] = {}
         self._timed: dict[tuple[str, str], Any] = {}

@@ -80,11 +80,15 @@ async def test_coalesced_calls_keep_to_the_lanes_own_connection(
     t = await f.tenant(pool, NOW, f"t-{uid}", plan)
     batches = batch_pool.get_stats().get("requests_num", 0)
     shared = sidecar.pool.get_stats().get("requests_num", 0)
+    sizes_before = sidecar.registry.get_sample_value("quota_coalesced_batch_size_sum") or 0
     async with AsyncQuotaClient(target(sidecar)) as client:
         for _ in range(12):
             assert (await client.check_and_consume(t, "messages", 1)).allowed
     assert batch_pool.get_stats().get("requests_num", 0) - batches == 12
     assert sidecar.pool.get_stats().get("requests_num", 0) - shared < 12  # health pings only
+    # every batch's size reaches the metrics: here twelve batches of one
+    sizes = sidecar.registry.get_sample_value("quota_coalesced_batch_size_sum") or 0
+    assert sizes - sizes_before == 12
 
 
 async def test_reserve_context_manager_commits_or_releases(
