@@ -7,7 +7,11 @@ batch ran and decides the batch set-based in one transaction with one commit
 was a single request is decided at once, never held back for company; under load (the
 previous batch had company) the lane first waits — at most `gather_s` — until as many
 requests have queued as last time, so batches do not shrink just because the database
-answered quickly. One lane is the default: a batch holds any mix of tenants, and on a
+answered quickly, and until twice as many when as many as last time were already waiting
+(a backlog: the load outgrows batches of that size, and each batch costs the event loop a
+fixed share besides its requests; measured at 64 in flight: batches of 13 to 18 instead of
+10, 0.54 to 0.59 ms of CPU per call instead of 0.64 to 0.80; at 2, 4 and 8 in flight no
+slower). One lane is the default: a batch holds any mix of tenants, and on a
 small machine the CPU, not the database, is the limit; more lanes (QUOTA_COALESCE_LANES)
 overlap database round trips where there are cores to spare."""
 
@@ -88,7 +92,9 @@ class Coalescer:
         queue = lane.queue
         while True:
             batch = [await queue.get()]
-            want = min(lane.last, self.max_batch) - 1
+            # a backlog as big as the last batch: the load outgrows batches of that size
+            grow = 2 if queue.qsize() + 1 >= lane.last > 1 else 1
+            want = min(grow * lane.last, self.max_batch) - 1
             if self.gather_s > 0 and queue.qsize() < want:
                 await self._gather(lane, want)
             while not queue.empty() and len(batch) < self.max_batch:

@@ -72,3 +72,23 @@ async def test_the_wait_for_company_is_bounded() -> None:
     finally:
         await coalescer.stop()
     assert recorder.batches[1:] == [["alone"], ["next"]]
+
+
+async def test_a_backlog_as_big_as_the_last_batch_grows_the_next_one() -> None:
+    coalescer, recorder = await _started(gather_s=3600)  # woken by the count, not the bound
+    try:
+        await asyncio.gather(*(coalescer.consume(_req(f"first-{i}")) for i in range(3)))
+        # three queue up at once, as many as the last batch: the load outgrows batches of
+        # three, so the lane waits for six
+        early = [asyncio.ensure_future(coalescer.consume(_req(f"a{i}"))) for i in range(3)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not any(f.done() for f in early)
+        late = [asyncio.ensure_future(coalescer.consume(_req(f"b{i}"))) for i in range(3)]
+        await asyncio.wait_for(asyncio.gather(*early, *late), 60)  # safety net only
+    finally:
+        await coalescer.stop()
+    assert recorder.batches == [
+        ["first-0", "first-1", "first-2"],
+        ["a0", "a1", "a2", "b0", "b1", "b2"],
+    ]
