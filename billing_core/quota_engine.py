@@ -9,7 +9,8 @@ A denial, dry run or error rolls everything back, so nothing is written for them
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -66,17 +67,26 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 _NO_LIMIT = 1 << 62
-# Every row a batch touches is reached through an index, by plans made once per connection:
-# generic plans (left to choose, PostgreSQL re-planned the read statement for every batch,
-# as much CPU as all the rest of a lone request's work) with sequential scans ruled out (a
-# generic plan is kept until its tables are analyzed again, and one made on a young
-# database, whose tables were a few pages, went on scanning them once they had grown:
-# milliseconds per batch, more with every request). Sent in the pipeline with BEGIN, so it
-# costs no round trip; it ends with the transaction.
-_BATCH_PLANS = (
+# Every row a use case touches is reached through an index, by plans made once per
+# connection: generic plans (left to choose, PostgreSQL re-planned the batch's read statement
+# for every batch, as much CPU as all the rest of a lone request's work) with sequential
+# scans ruled out (a generic plan is kept until its tables are analyzed again, and one made
+# on a young database, whose tables were a few pages, went on scanning them once they had
+# grown: milliseconds per call, more with every request). Local to the transaction, so the
+# pool's other users keep PostgreSQL's own choices; it rides in the pipeline with what
+# follows, so it costs no round trip. tests/integration/test_batch_plans.py guards both paths.
+_INDEXED_PLANS = (
     "SELECT set_config('enable_seqscan', 'off', true),"
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
 )
+
+
+@asynccontextmanager
+async def _transaction(conn: Conn) -> AsyncIterator[None]:
+    """conn.transaction() (a savepoint inside a batch's transaction), with indexed plans."""
+    async with conn.transaction():
+        await conn.execute(_INDEXED_PLANS)
+        yield
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +199,7 @@ class QuotaEngine:
         async def work(conn: Conn, pipe: AsyncPipeline) -> dict[int, Decision | QuotaError]:
             batch = [reqs[i] for i in valid]
             async with pipelined_transaction(conn, pipe) as tx:
-                await conn.execute(_BATCH_PLANS)
+                await conn.execute(_INDEXED_PLANS)
                 outcome = await decide_batch(
                     conn,
                     batch,
@@ -237,7 +247,7 @@ class QuotaEngine:
         operation = "consume" if ttl is None else "reserve"
         fingerprint = req.fingerprint(operation, {} if ttl is None else {"ttl": ttl})
         try:
-            async with conn.transaction():
+            async with _transaction(conn):
                 if not req.dry_run:
                     replay = await self._claim(
                         conn, req.tenant_id, req.request_id, operation, fingerprint, now
@@ -433,7 +443,7 @@ class QuotaEngine:
         fingerprint = ConsumeRequest(
             req.tenant_id, "tokens", req.amount, "commit", tokens=req.tokens, labels=req.labels
         ).fingerprint("commit")
-        async with conn.transaction():
+        async with _transaction(conn):
             res = await store.lock_reservation(conn, req.tenant_id, req.reservation_id)
             if res.status == "committed":
                 stored = res.commit_response or {}
@@ -535,7 +545,7 @@ class QuotaEngine:
 
     async def _release(self, conn: Conn, tenant_id: str, reservation_id: str, status: str) -> bool:
         now = self._clock.now()
-        async with conn.transaction():
+        async with _transaction(conn):
             res = await store.lock_reservation(conn, tenant_id, reservation_id)
             if res.status != "active" or (status == "expired" and res.expires_at > now):
                 return False
@@ -570,7 +580,7 @@ class QuotaEngine:
 
     async def _free(self, conn: Conn, req: FreeRequest) -> FreeResult:
         now = self._clock.now()
-        async with conn.transaction():
+        async with _transaction(conn):
             replay = await self._claim(
                 conn, req.tenant_id, req.request_id, "free", req.fingerprint(), now
             )
@@ -633,7 +643,7 @@ class QuotaEngine:
 
     async def _usage(self, conn: Conn, req: UsageRequest) -> UsageReport:
         now = self._clock.now()
-        async with conn.transaction():
+        async with _transaction(conn):
             ctx = await store.load_context(conn, req.tenant_id, req.resource, now)
             zone = tenant_zone(ctx.timezone)
             keys: list[CounterKey] = []

@@ -22,7 +22,14 @@ from billing_core.clock import FrozenClock
 from billing_core.db.pool import open_pool
 from billing_core.pricing import TokenUsage
 from billing_core.quota_engine import QuotaEngine, QuotaRules
-from billing_core.usage import ConsumeRequest, Decision
+from billing_core.usage import (
+    CommitRequest,
+    ConsumeRequest,
+    Decision,
+    FreeRequest,
+    ReserveRequest,
+    UsageRequest,
+)
 from tests.conftest import fresh_database
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -50,6 +57,7 @@ async def _populate(url: str, tenants: int = TENANTS, *, analyze: bool = True) -
                     quota("messages", "daily", 10**9),
                     quota("messages", "monthly", 10**12),
                     quota("tokens", "daily", 50, overage="wallet"),
+                    quota("agents", "cumulative", 10**9),
                 ),
             ),
             NOW - timedelta(days=40),
@@ -182,6 +190,43 @@ async def test_plans_made_while_the_tables_were_small_survive_their_growth(
                 await _grow(conn, plan, 40, TENANTS)
             before = await _settled(url)
             await _batches(engine, rng, 20, 40 + TENANTS)
+            after = await _settled(url)
+        finally:
+            await pool.close()
+    added = _added(before, after)
+    assert added == {name: 0 for name in after}, f"scans added after the growth: {added}"
+
+
+async def _one_by_one(engine: QuotaEngine, rng: random.Random, count: int, tenants: int) -> None:
+    """CheckAndConsume decided alone, Reserve then Commit, Free and GetUsage."""
+    for n in range(count):
+        tenant = f"g-{rng.randint(1, tenants)}"
+        tag = f"{n}-{rng.random()}"
+        assert (await engine.consume(ConsumeRequest(tenant, "messages", 1, f"c{tag}"))).allowed
+        held = await engine.reserve(ReserveRequest(tenant, "messages", 2, f"r{tag}"))
+        assert held.allowed
+        await engine.commit(CommitRequest(tenant, held.reservation_id, 1))
+        assert (await engine.consume(ConsumeRequest(tenant, "agents", 1, f"a{tag}"))).allowed
+        await engine.free(FreeRequest(tenant, "agents", 1, f"f{tag}"))
+        await engine.usage(UsageRequest(tenant))
+
+
+async def test_the_one_by_one_path_survives_the_growth_too(server_url: str) -> None:
+    """The same young-database scenario for the calls that are not coalesced."""
+    with fresh_database(server_url, "bp_growth_single") as url:
+        plan = await _populate(url, 40)
+        async with await AsyncConnection.connect(url, autocommit=True) as conn:
+            for table in BIG_TABLES:
+                await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = off)")
+        pool = await open_pool(url, 1)
+        rng = random.Random(13)
+        try:
+            engine = QuotaEngine(pool, FrozenClock(NOW), QuotaRules())
+            await _one_by_one(engine, rng, 12, 40)  # plans made on tables of a few pages
+            async with await AsyncConnection.connect(url, autocommit=True) as conn:
+                await _grow(conn, plan, 40, TENANTS)
+            before = await _settled(url)
+            await _one_by_one(engine, rng, 15, 40 + TENANTS)
             after = await _settled(url)
         finally:
             await pool.close()
