@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -170,26 +171,29 @@ async def test_batches_never_scan_a_big_table(server_url: str) -> None:
     assert added == {name: 0 for name in after}, f"scans added by the batches: {added}"
 
 
-async def test_plans_made_while_the_tables_were_small_survive_their_growth(
-    server_url: str,
+Workload = Callable[[QuotaEngine, random.Random, int, int], Awaitable[None]]
+
+
+async def _scans_after_growth(
+    server_url: str, name: str, work: Workload, seed: int, rounds: int
 ) -> None:
     """A sidecar starts on a young database, its statements' plans are cached, then the
     tables grow by thousands of rows before anything analyzes them again (as in `make
     bench`, and in any fresh deployment): the cached plans must still use the indexes."""
-    with fresh_database(server_url, "bp_growth") as url:
+    with fresh_database(server_url, name) as url:
         plan = await _populate(url, 40)
         async with await AsyncConnection.connect(url, autocommit=True) as conn:
             for table in BIG_TABLES:  # nothing may analyze them behind the test's back
                 await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = off)")
         pool = await open_pool(url, 1)
-        rng = random.Random(11)
+        rng = random.Random(seed)
         try:
             engine = QuotaEngine(pool, FrozenClock(NOW), QuotaRules())
-            await _batches(engine, rng, 12, 40)  # plans made, on tables of a few pages
+            await work(engine, rng, 12, 40)  # plans made, on tables of a few pages
             async with await AsyncConnection.connect(url, autocommit=True) as conn:
                 await _grow(conn, plan, 40, TENANTS)
             before = await _settled(url)
-            await _batches(engine, rng, 20, 40 + TENANTS)
+            await work(engine, rng, rounds, 40 + TENANTS)
             after = await _settled(url)
         finally:
             await pool.close()
@@ -211,24 +215,12 @@ async def _one_by_one(engine: QuotaEngine, rng: random.Random, count: int, tenan
         await engine.usage(UsageRequest(tenant))
 
 
+async def test_plans_made_while_the_tables_were_small_survive_their_growth(
+    server_url: str,
+) -> None:
+    await _scans_after_growth(server_url, "bp_growth", _batches, 11, rounds=20)
+
+
 async def test_the_one_by_one_path_survives_the_growth_too(server_url: str) -> None:
-    """The same young-database scenario for the calls that are not coalesced."""
-    with fresh_database(server_url, "bp_growth_single") as url:
-        plan = await _populate(url, 40)
-        async with await AsyncConnection.connect(url, autocommit=True) as conn:
-            for table in BIG_TABLES:
-                await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = off)")
-        pool = await open_pool(url, 1)
-        rng = random.Random(13)
-        try:
-            engine = QuotaEngine(pool, FrozenClock(NOW), QuotaRules())
-            await _one_by_one(engine, rng, 12, 40)  # plans made on tables of a few pages
-            async with await AsyncConnection.connect(url, autocommit=True) as conn:
-                await _grow(conn, plan, 40, TENANTS)
-            before = await _settled(url)
-            await _one_by_one(engine, rng, 15, 40 + TENANTS)
-            after = await _settled(url)
-        finally:
-            await pool.close()
-    added = _added(before, after)
-    assert added == {name: 0 for name in after}, f"scans added after the growth: {added}"
+    """The calls that are not coalesced: Reserve, Commit, Free, GetUsage, consume alone."""
+    await _scans_after_growth(server_url, "bp_growth_single", _one_by_one, 13, rounds=15)
