@@ -32,7 +32,8 @@ from datetime import datetime, timedelta
 from billing_core import decisions
 from billing_core.db import batch_store as bs
 from billing_core.db.batch_store import BatchWrites, StoredKey, TenantKey
-from billing_core.db.quota_store import Conn, CounterKey, PlanOffer, TenantContext
+from billing_core.db.quota_store import CounterKey, PlanOffer, TenantContext
+from billing_core.db.wire import Wire
 from billing_core.errors import QuotaError
 from billing_core.ids import new_id
 from billing_core.limits import Quota, Reason, decide
@@ -117,7 +118,7 @@ class ShapeMemo:
 
 
 async def decide_batch(
-    conn: Conn,
+    wire: Wire,
     reqs: Sequence[ConsumeRequest],
     now: datetime,
     *,
@@ -140,8 +141,8 @@ async def decide_batch(
         if req.tenant_id not in guess and (seen := memo.get(req.tenant_id, req.resource)):
             guess[req.tenant_id] = _Tenant(seen)
     guessed_keys, guessed_wallets = _locks(reqs, guess, now, shared)
-    reads_p = await bs.send_reads(conn, tenant_ids, resources, models, keys, now)
-    locks_p = await bs.send_locks(conn, guessed_keys, guessed_wallets) if guess else None
+    reads_p = bs.send_reads(wire, tenant_ids, resources, models, keys, now)
+    locks_p = bs.send_locks(wire, guessed_keys, guessed_wallets) if guess else None
     reads = await reads_p()
     contexts, prices = reads.contexts, reads.prices
     locked = await locks_p() if locks_p else bs.Locked({}, {}, {})
@@ -167,7 +168,7 @@ async def decide_batch(
     missed_keys = [k for k in lock_keys if k not in locked.counters]
     missed_wallets = [t for t in wallet_tenants if t not in guessed_wallets]
     if missed_keys or missed_wallets:
-        more = await (await bs.send_locks(conn, missed_keys, missed_wallets))()
+        more = await bs.send_locks(wire, missed_keys, missed_wallets)()
         locked.counters |= more.counters
         locked.wallets |= more.wallets
         locked.grants |= more.grants
@@ -204,7 +205,7 @@ async def decide_batch(
             if (used, reserved) != (was_used, was_reserved):
                 writes.deltas[(t, *key)] = (used - was_used, reserved - was_reserved)
     writes.dropped = [k for k in created if k not in writes.deltas]
-    writes_p = await bs.send_writes(conn, writes, now, now + idempotency_ttl)
+    writes_p = bs.send_writes(wire, writes, now, now + idempotency_ttl)
     wanted = sorted(
         {
             (reqs[i].resource, _current_plan(results[i]))
@@ -213,7 +214,7 @@ async def decide_batch(
         },
         key=lambda w: (w[0], w[1] or ""),
     )
-    offers_p = await bs.send_offers(conn, wanted) if wanted else None
+    offers_p = bs.send_offers(wire, wanted) if wanted else None
 
     async def finish() -> None:
         await writes_p()

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import psycopg
 import structlog
-from psycopg import AsyncPipeline
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool
 
@@ -27,6 +26,7 @@ from billing_core.clock import Clock
 from billing_core.db import quota_store as store
 from billing_core.db.quota_store import Conn, CounterKey, TenantContext, UsageRecordRow
 from billing_core.db.txn import pipelined_transaction
+from billing_core.db.wire import BEGIN, COMMIT, FORGOTTEN, Statement, Wire
 from billing_core.decisions import (
     add_delta,
     consume_record,
@@ -66,6 +66,7 @@ from billing_core.usage import (
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+_MAX_FORGOTTEN = 100  # more connections than any pool has
 _NO_LIMIT = 1 << 62
 # Every row a use case touches is reached through an index, by plans made once per
 # connection: generic plans (left to choose, PostgreSQL re-planned the batch's read statement
@@ -79,6 +80,7 @@ _INDEXED_PLANS = (
     "SELECT set_config('enable_seqscan', 'off', true),"
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
 )
+_INDEXED_PLANS_STATEMENT = Statement(_INDEXED_PLANS)
 
 
 @asynccontextmanager
@@ -149,29 +151,34 @@ class QuotaEngine:
     # --- plumbing ------------------------------------------------------------------
 
     async def _run(self, work: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run a use case on a pooled connection; retry on deadlock/serialization."""
-        return await self._run_piped(lambda conn, _pipe: work(conn))
+        """Run a use case on a pooled connection (in pipeline mode: writes that nothing
+        waits for share round trips); retry on deadlock/serialization."""
 
-    async def _run_piped(
-        self,
-        work: Callable[[Conn, AsyncPipeline], Awaitable[T]],
-        pool: AsyncConnectionPool[Any] | None = None,
-    ) -> T:
-        pool = pool or self._pool
-        for attempt in range(5):
+        async def attempt() -> T:
+            async with (
+                self._pool.connection(timeout=self._rules.acquire_timeout_s) as conn,
+                conn.pipeline(),
+            ):
+                return await work(conn)
+
+        return await self._retrying(attempt)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        aborted = forgotten = 0
+        while True:
             try:
-                async with (
-                    pool.connection(timeout=self._rules.acquire_timeout_s) as conn,
-                    conn.pipeline() as pipe,  # writes that nothing waits for share round trips
-                ):
-                    return await work(conn, pipe)
+                return await attempt()
+            except FORGOTTEN:  # once per connection after psycopg deallocated (db/wire.py)
+                forgotten += 1
+                if forgotten > _MAX_FORGOTTEN:
+                    raise Unavailable("the database kept forgetting prepared statements") from None
             except _RETRYABLE:
-                if attempt == 4:
+                aborted += 1
+                if aborted == 5:
                     raise Unavailable("the database kept aborting the transaction") from None
-                await asyncio.sleep(0.001 * 2**attempt)
+                await asyncio.sleep(0.001 * 2 ** (aborted - 1))
             except (psycopg.OperationalError, TimeoutError) as exc:
                 raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # --- CheckAndConsume / Reserve -------------------------------------------------
 
@@ -196,33 +203,40 @@ class QuotaEngine:
         if not valid:
             return [results[i] for i in range(len(reqs))]
 
-        async def work(conn: Conn, pipe: AsyncPipeline) -> dict[int, Decision | QuotaError]:
+        async def attempt() -> dict[int, Decision | QuotaError]:
             batch = [reqs[i] for i in valid]
-            async with pipelined_transaction(conn, pipe) as tx:
-                await conn.execute(_INDEXED_PLANS)
-                outcome = await decide_batch(
-                    conn,
-                    batch,
-                    self._clock.now(),
-                    memo=self._shapes,
-                    idempotency_ttl=self._rules.idempotency_ttl,
-                    past_due_grace=self._rules.past_due_grace,
-                )
-                if outcome.one_by_one:
-                    await tx.sync()  # the savepoints below need the server's word first
-                else:
-                    await tx.commit()  # with the writes: one round trip
-                await outcome.finish()
+            pool = self._batch_pool
+            async with pool.connection(timeout=self._rules.acquire_timeout_s) as conn:
+                async with Wire.open(conn) as wire:  # two round trips for a whole batch
+                    wire.send(BEGIN)
+                    wire.send(_INDEXED_PLANS_STATEMENT)
+                    outcome = await decide_batch(
+                        wire,
+                        batch,
+                        self._clock.now(),
+                        memo=self._shapes,
+                        idempotency_ttl=self._rules.idempotency_ttl,
+                        past_due_grace=self._rules.past_due_grace,
+                    )
+                    if not outcome.one_by_one:
+                        wire.send(COMMIT)  # with the writes: one round trip
+                    await wire.sync()
+                    await outcome.finish()
                 done = {valid[j]: result for j, result in outcome.results.items()}
-                for j in outcome.one_by_one:
-                    try:
-                        done[valid[j]] = await self._admit(conn, batch[j], None)
-                    except (InvalidRequest, NotFound, Conflict) as exc:
-                        done[valid[j]] = exc  # its savepoint rolled back; the others stand
+                if outcome.one_by_one:  # in the same transaction, in savepoints
+                    async with (
+                        conn.pipeline() as pipe,
+                        pipelined_transaction(conn, pipe, begun=True),
+                    ):
+                        for j in outcome.one_by_one:
+                            try:
+                                done[valid[j]] = await self._admit(conn, batch[j], None)
+                            except (InvalidRequest, NotFound, Conflict) as exc:
+                                done[valid[j]] = exc  # its savepoint rolled back
             return done
 
         try:
-            results.update(await self._run_piped(work, self._batch_pool))
+            results.update(await self._retrying(attempt))
         except Unavailable as exc:
             results.update({i: exc for i in valid})  # one by one would not fare better
         except Exception as exc:  # decide one by one: one bad request never fails the rest

@@ -1,9 +1,11 @@
 """Set-based SQL for deciding a batch of CheckAndConsume requests in one transaction.
 
 Every statement covers all tenants of the batch at once. Reads come in two steps — `send_*`
-puts the statement into the connection's pipeline and returns a `Pending` that fetches
-its result — so several reads share one round trip. Lock order is the one of
-quota_store (counters → wallet row → grants), by tenant first.
+queues the statement on the batch's Wire (libpq's pipeline, db/wire.py) and returns a
+`Pending` that fetches its result — so several statements share one round trip. Every
+statement answers with one row of JSON text (parsed by orjson), and its parameters are text
+typed by casts in the SQL. Lock order is the one of quota_store (counters → wallet row →
+grants), by tenant first.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from billing_core.db.quota_store import (
     CONTEXT_COLUMNS,
     CONTEXT_SQL,
     CONTEXT_TIMESTAMPS,
-    Conn,
+    PLAN_OFFERS_SQL,
     PlanOffer,
     TenantContext,
     UsageRecordRow,
     context_from_row,
-    send_plan_offers,
+    offers_from_json,
 )
+from billing_core.db.wire import Statement, Wire
 from billing_core.pricing import ModelPrice
 from billing_core.resources import PERIOD_ORDER, Period
 from billing_core.wallet import LiveGrant
@@ -51,7 +54,7 @@ class Reads:
 # planned as a full scan); for the keys, the cross product of the two arrays is narrowed
 # to the wanted, live pairs in Python (with expiry in the WHERE clause, a generic plan
 # can prefer the expires_at index, which covers every live key).
-_READS_SQL = f"""
+_READS = Statement(f"""
 SELECT
   (SELECT coalesce(json_agg(json_build_array({", ".join("c." + c for c in CONTEXT_COLUMNS)})),
                    '[]'::json)::text
@@ -63,17 +66,18 @@ SELECT
              JOIN unnest(%(providers)s::text[], %(models)s::text[]) AS u(p, mo)
                ON m.provider = u.p AND m.model = u.mo
             WHERE m.provider = ANY(%(providers)s::text[]) AND m.model = ANY(%(models)s::text[])
-              AND m.effective_from <= %(now)s
+              AND m.effective_from <= %(now)s::timestamptz
             ORDER BY m.provider, m.model, m.effective_from DESC) m),
   (SELECT coalesce(json_agg(json_build_array(k.tenant_id, k.request_id, k.operation,
-                   k.request_hash, k.response, k.expires_at > %(now)s)), '[]'::json)::text
+                   k.request_hash, k.response, k.expires_at > %(now)s::timestamptz)),
+                   '[]'::json)::text
      FROM idempotency_keys k
     WHERE k.tenant_id = ANY(%(key_tenants)s::text[]) AND k.request_id = ANY(%(key_ids)s::text[]))
-"""
+""")
 
 
-async def send_reads(
-    conn: Conn,
+def send_reads(
+    wire: Wire,
     tenant_ids: Sequence[str],
     resources: Sequence[str],
     models: Sequence[tuple[str, str]],
@@ -83,12 +87,12 @@ async def send_reads(
     """What a batch reads before deciding: the tenants' contexts (with the quotas of
     `resources`), the price in effect of each (provider, model), and which of the
     (tenant_id, request_id) pairs are live idempotency keys."""
-    cur = await conn.execute(
-        _READS_SQL,
+    slot = wire.send(
+        _READS,
         {
             "tenants": text_array(tenant_ids),
             "resources": text_array(resources),
-            "now": now,
+            "now": now.isoformat(),
             "providers": text_array(m[0] for m in models),
             "models": text_array(m[1] for m in models),
             "key_tenants": text_array(sorted({k[0] for k in keys})),
@@ -98,9 +102,8 @@ async def send_reads(
     wanted = set(keys)
 
     async def result() -> Reads:
-        row = await cur.fetchone()
-        assert row is not None
-        contexts, prices, taken = (orjson.loads(column) for column in row)
+        answer = await wire.result(slot)
+        contexts, prices, taken = (orjson.loads(answer.get_value(0, i) or b"") for i in range(3))
         for c in contexts:
             for i in CONTEXT_TIMESTAMPS:
                 c[i] = _timestamp(c[i])
@@ -157,7 +160,7 @@ class Locked:
 # Counters (created if missing), then wallets, then grants — the global lock order: the
 # branches of a UNION ALL run one after the other, each reading its CTE to the end.
 # A missing wallet is an empty one: it pays nothing, so it is never written.
-_LOCKS_SQL = """
+_LOCKS = Statement("""
 WITH counters AS (
     INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start)
     SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz
@@ -174,23 +177,27 @@ WITH counters AS (
     WHERE tenant_id = ANY(%(wallets)s::text[]) AND NOT expired AND remaining_micros > 0
     ORDER BY tenant_id, expires_at NULLS LAST, created_at, grant_id FOR UPDATE
 )
-SELECT 'c', tenant_id, resource, period, window_start, used, reserved, created,
-       NULL::timestamptz FROM counters
-UNION ALL
-SELECT 'w', tenant_id, NULL, NULL, NULL, balance_micros, held_micros, NULL, NULL FROM wallets
-UNION ALL
-SELECT 'g', tenant_id, grant_id, NULL, expires_at, remaining_micros, NULL, NULL, created_at
-  FROM grants
-ORDER BY 1, 2, 5 NULLS LAST, 9, 3
-"""
+SELECT coalesce(json_agg(json_build_array(kind, tenant_id, name, period, at, n1, n2, created)
+                         ORDER BY kind, tenant_id, at NULLS LAST, created_at, name), '[]')::text
+FROM (
+    SELECT 'c', tenant_id, resource, period, window_start, used, reserved, created,
+           NULL::timestamptz FROM counters
+    UNION ALL
+    SELECT 'w', tenant_id, NULL, NULL, NULL, balance_micros, held_micros, NULL, NULL
+      FROM wallets
+    UNION ALL
+    SELECT 'g', tenant_id, grant_id, NULL, expires_at, remaining_micros, NULL, NULL, created_at
+      FROM grants
+) l(kind, tenant_id, name, period, at, n1, n2, created, created_at)
+""")
 
 
-async def send_locks(
-    conn: Conn, keys: Sequence[TenantKey], wallet_tenants: Sequence[str]
+def send_locks(
+    wire: Wire, keys: Sequence[TenantKey], wallet_tenants: Sequence[str]
 ) -> Pending[Locked]:
     """Create-if-missing and lock counter rows, then lock wallets and their live grants."""
-    cur = await conn.execute(
-        _LOCKS_SQL,
+    slot = wire.send(
+        _LOCKS,
         {
             "counters": _keys_json(sorted(set(keys), key=_order)),
             "wallets": text_array(sorted(set(wallet_tenants))),
@@ -199,13 +206,15 @@ async def send_locks(
 
     async def result() -> Locked:
         locked = Locked({}, {}, {})
-        for kind, t, name, period, at, n1, n2, created, _ in await cur.fetchall():
+        for kind, t, name, period, at, n1, n2, created in orjson.loads(
+            await wire.value(slot) or b""
+        ):
             if kind == "c":
-                locked.counters[(t, name, Period(period), at)] = (n1, n2, created)
+                locked.counters[(t, name, Period(period), _timestamp(at))] = (n1, n2, created)
             elif kind == "w":
-                locked.wallets[t] = (int(n1), int(n2))
+                locked.wallets[t] = (n1, n2)
             else:
-                locked.grants.setdefault(t, []).append(LiveGrant(name, int(n1), at))
+                locked.grants.setdefault(t, []).append(LiveGrant(name, n1, _timestamp(at)))
         return locked
 
     return result
@@ -237,7 +246,7 @@ class BatchWrites:
 # so no part can be planned as a full scan of a big table;
 # when fewer idempotency keys could be taken than asked (another transaction took one
 # first), quota_expect_claims fails the statement, which rolls the batch back.
-_WRITES_SQL = f"""
+_WRITES = Statement(f"""
 WITH counters AS (
     INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start, used, reserved)
     SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz, (e->>4)::bigint, (e->>5)::bigint
@@ -258,7 +267,7 @@ WITH counters AS (
         cost_micros, wallet_charged_micros, over_limit, labels, occurred_at)
     SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, e->>4, e->>5, e->>6, e->>7, e->>8, e->>9,
            (e->>10)::bigint, (e->>11)::bigint, (e->>12)::bigint, (e->>13)::bigint,
-           (e->>14)::bool, e->15, %(now)s
+           (e->>14)::bool, e->15, %(now)s::timestamptz
     FROM jsonb_array_elements(%(records)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
 ), grants AS (
@@ -270,37 +279,35 @@ WITH counters AS (
 ), ledger AS (
     INSERT INTO wallet_ledger (tenant_id, grant_id, kind, delta_micros, usage_record_id,
                                reason, created_at)
-    SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, e->>4, e->>5, %(now)s
+    SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, e->>4, e->>5, %(now)s::timestamptz
     FROM jsonb_array_elements(%(ledger)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
 ), wallets AS (
     UPDATE wallets w SET balance_micros = (u.e->>1)::bigint, held_micros = (u.e->>2)::bigint,
-                         updated_at = %(now)s
+                         updated_at = %(now)s::timestamptz
     FROM jsonb_array_elements(%(wallets)s::jsonb) AS u(e)
     WHERE w.tenant_id = ANY(%(wallet_tenants)s::text[]) AND w.tenant_id = u.e->>0
 ), notes AS (
     INSERT INTO notifications (tenant_id, kind, dedupe_key, message, details, created_at)
-    SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s
+    SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s::timestamptz
     FROM jsonb_array_elements(%(notes)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
     ON CONFLICT (tenant_id, dedupe_key) DO NOTHING
 ), claims AS (
     INSERT INTO idempotency_keys AS k
         (tenant_id, request_id, operation, request_hash, response, created_at, expires_at)
-    SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s, %(expires)s
+    SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s::timestamptz, %(expires)s::timestamptz
     FROM jsonb_array_elements(%(claims)s::jsonb) AS u(e)
     {CLAIM_UNLESS_LIVE}
     RETURNING 1
 )
-SELECT quota_expect_claims(%(expected)s, (SELECT count(*) FROM claims))
-"""
+SELECT quota_expect_claims(%(expected)s::bigint, (SELECT count(*) FROM claims))
+""")
 
 CLAIM_RACE_SQLSTATE = "QB001"  # raised by quota_expect_claims (migration 0004)
 
 
-async def send_writes(
-    conn: Conn, w: BatchWrites, now: datetime, expires_at: datetime
-) -> Pending[int]:
+def send_writes(wire: Wire, w: BatchWrites, now: datetime, expires_at: datetime) -> Pending[int]:
     """Apply a batch's writes (rows locked by this transaction); the result is the number of
     idempotency keys taken, which is all of them or an error. All records of a batch occur
     at `now`."""
@@ -311,11 +318,11 @@ async def send_writes(
     notes: dict[tuple[str, str], tuple[str, str, str, str, dict[str, Any]]] = {}
     for note in w.notes:
         notes.setdefault((note[0], note[2]), note)
-    cur = await conn.execute(
-        _WRITES_SQL,
+    slot = wire.send(
+        _WRITES,
         {
-            "now": now,
-            "expires": expires_at,
+            "now": now.isoformat(),
+            "expires": expires_at.isoformat(),
             "deltas": _json([[*_key_json(k), *w.deltas[k]] for k in deltas]),
             "dropped": _keys_json(w.dropped),
             "dropped_tenants": text_array(sorted({k[0] for k in w.dropped})),
@@ -334,19 +341,21 @@ async def send_writes(
     )
 
     async def result() -> int:
-        row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return int(await wire.value(slot) or b"0")
 
     return result
 
 
-async def send_offers(
-    conn: Conn, wanted: Sequence[tuple[str, str | None]]
+_OFFERS = Statement(PLAN_OFFERS_SQL)
+
+
+def send_offers(
+    wire: Wire, wanted: Sequence[tuple[str, str | None]]
 ) -> Pending[dict[tuple[str, str | None], list[PlanOffer]]]:
-    """plan_offers for several (resource, current plan) pairs in one round trip."""
-    pending = [(w, await send_plan_offers(conn, *w)) for w in wanted]
+    """plan_offers (quota_store) for several (resource, current plan) pairs."""
+    slots = [(w, wire.send(_OFFERS, {"resource": w[0], "exclude": w[1]})) for w in wanted]
 
     async def result() -> dict[tuple[str, str | None], list[PlanOffer]]:
-        return {w: await p() for w, p in pending}
+        return {w: offers_from_json(w[0], await wire.value(s) or b"") for w, s in slots}
 
     return result

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import orjson
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
@@ -503,29 +504,37 @@ async def plan_offers(conn: Conn, resource: str, exclude_plan: str | None) -> li
     return await (await send_plan_offers(conn, resource, exclude_plan))()
 
 
+# Active, self-serve plans cheapest first, with their quotas of a resource, as JSON text
+# (one statement for the psycopg path and the batch's Wire, db/wire.py).
+PLAN_OFFERS_SQL = """
+SELECT coalesce(json_agg(json_build_array(p.plan_id, p.unlimited, q.period, q."limit",
+                                          q.warn_at, q.overage)
+                         ORDER BY p.price_cents, p.priority DESC, p.plan_id, q.period), '[]')::text
+FROM plans p LEFT JOIN plan_quotas q ON q.plan_id = p.plan_id AND q.resource = %(resource)s::text
+WHERE p.active AND NOT p.enterprise AND p.plan_id IS DISTINCT FROM %(exclude)s::text
+"""
+
+
+def offers_from_json(resource: str, text: bytes | str) -> list[PlanOffer]:
+    offers: dict[str, PlanOffer] = {}
+    for plan_id, unlimited, period, limit, warn_at, overage in orjson.loads(text):
+        offer = offers.setdefault(plan_id, PlanOffer(plan_id, unlimited, ()))
+        if period is not None:
+            quota = Quota(resource, Period(period), limit, tuple(warn_at), Overage(overage))
+            offers[plan_id] = PlanOffer(plan_id, unlimited, (*offer.quotas, quota))
+    return list(offers.values())
+
+
 async def send_plan_offers(
     conn: Conn, resource: str, exclude_plan: str | None
 ) -> Callable[[], Awaitable[list[PlanOffer]]]:
     """plan_offers in two steps: the statement joins the pipeline now, the result is
     fetched when the returned function is awaited."""
-    cur = await conn.execute(
-        """
-        SELECT p.plan_id, p.unlimited, q.period, q."limit", q.warn_at, q.overage
-        FROM plans p LEFT JOIN plan_quotas q ON q.plan_id = p.plan_id AND q.resource = %s
-        WHERE p.active AND NOT p.enterprise AND p.plan_id IS DISTINCT FROM %s
-        ORDER BY p.price_cents, p.priority DESC, p.plan_id
-        """,
-        (resource, exclude_plan),
-    )
+    cur = await conn.execute(PLAN_OFFERS_SQL, {"resource": resource, "exclude": exclude_plan})
 
     async def result() -> list[PlanOffer]:
-        offers: dict[str, PlanOffer] = {}
-        for plan_id, unlimited, period, limit, warn_at, overage in await cur.fetchall():
-            offer = offers.setdefault(plan_id, PlanOffer(plan_id, unlimited, ()))
-            if period is not None:
-                quota = Quota(resource, Period(period), limit, tuple(warn_at), Overage(overage))
-                offers[plan_id] = PlanOffer(plan_id, unlimited, (*offer.quotas, quota))
-        return list(offers.values())
+        row = await cur.fetchone()
+        return offers_from_json(resource, row[0] if row else "[]")
 
     return result
 

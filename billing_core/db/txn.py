@@ -47,10 +47,12 @@ class PipelinedTransaction:
 
 @asynccontextmanager
 async def pipelined_transaction(
-    conn: Conn, pipe: AsyncPipeline
+    conn: Conn, pipe: AsyncPipeline, *, begun: bool = False
 ) -> AsyncIterator[PipelinedTransaction]:
+    """`begun`: the transaction is already open (BEGIN was sent and synced before)."""
     tx = PipelinedTransaction(conn, pipe)
-    await conn.execute("BEGIN")
+    if not begun:
+        await conn.execute("BEGIN")
     try:
         yield tx
         if not tx.committed:

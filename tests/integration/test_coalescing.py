@@ -18,6 +18,7 @@ from billing_core import catalog, quota_engine
 from billing_core.catalog import quota
 from billing_core.clock import FrozenClock
 from billing_core.db.batch_store import text_array
+from billing_core.db.pool import open_pool
 from billing_core.errors import QuotaError
 from billing_core.limits import SubscriptionStatus
 from billing_core.pricing import TokenUsage
@@ -305,6 +306,32 @@ async def test_a_changed_plan_is_enforced_by_the_very_next_batch(
         pool, "SELECT period, used FROM usage_counters WHERE tenant_id = %s ORDER BY 1", t
     )
     assert counters == [("weekly", 5)]
+
+
+async def test_a_batch_after_psycopg_deallocated_its_statements_is_retried(
+    database_url: str, pool: Pool, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg runs DEALLOCATE ALL on a connection after a ROLLBACK there, which forgets the
+    batch statements too: the batch is retried, prepared again — not decided one by one."""
+    lane = await open_pool(database_url, 1)
+    try:
+        engine = QuotaEngine(pool, FrozenClock(START), QuotaRules(), batch_pool=lane)
+
+        async def no_fallback(req: ConsumeRequest) -> Decision:
+            raise AssertionError("the batch path failed and fell back to one by one")
+
+        monkeypatch.setattr(engine, "consume", no_fallback)
+        plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 10)])
+        t = await f.tenant(pool, START, f"dealloc-{uid}", plan)
+        for i in range(3):
+            [result] = await engine.consume_batch([ConsumeRequest(t, "tool_calls", 1, f"d{i}")])
+            assert isinstance(result, Decision) and result.allowed
+            async with lane.connection() as conn:
+                await conn.execute("DEALLOCATE ALL")
+        used = await f.fetch(pool, "SELECT used FROM usage_counters WHERE tenant_id = %s", t)
+        assert used == [(3,)]
+    finally:
+        await lane.close()
 
 
 @settings(
