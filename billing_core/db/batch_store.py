@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any, TypeVar
 
 import orjson
@@ -54,11 +55,12 @@ class Reads:
 # planned as a full scan); for the keys, the cross product of the two arrays is narrowed
 # to the wanted, live pairs in Python (with expiry in the WHERE clause, a generic plan
 # can prefer the expires_at index, which covers every live key).
-_READS = Statement(f"""
-SELECT
+# (A part the batch does not need is left out of the statement, as in _writes.)
+_CONTEXTS_PART = f"""
   (SELECT coalesce(json_agg(json_build_array({", ".join("c." + c for c in CONTEXT_COLUMNS)})),
                    '[]'::json)::text
-     FROM ({CONTEXT_SQL}) c),
+     FROM ({CONTEXT_SQL}) c)"""
+_PRICES_PART = """
   (SELECT coalesce(json_agg(json_build_array(m.provider, m.model, m.effective_from,
                    m.input_micros_per_million, m.output_micros_per_million)), '[]'::json)::text
      FROM (SELECT DISTINCT ON (m.provider, m.model) m.*
@@ -67,13 +69,19 @@ SELECT
                ON m.provider = u.p AND m.model = u.mo
             WHERE m.provider = ANY(%(providers)s::text[]) AND m.model = ANY(%(models)s::text[])
               AND m.effective_from <= %(now)s::timestamptz
-            ORDER BY m.provider, m.model, m.effective_from DESC) m),
+            ORDER BY m.provider, m.model, m.effective_from DESC) m)"""
+_KEYS_PART = """
   (SELECT coalesce(json_agg(json_build_array(k.tenant_id, k.request_id, k.operation,
                    k.request_hash, k.response, k.expires_at > %(now)s::timestamptz)),
                    '[]'::json)::text
      FROM idempotency_keys k
-    WHERE k.tenant_id = ANY(%(key_tenants)s::text[]) AND k.request_id = ANY(%(key_ids)s::text[]))
-""")
+    WHERE k.tenant_id = ANY(%(key_tenants)s::text[]) AND k.request_id = ANY(%(key_ids)s::text[]))"""
+
+
+@cache
+def _reads(prices: bool, keys: bool) -> Statement:
+    parts = (_CONTEXTS_PART, _PRICES_PART if prices else "'[]'", _KEYS_PART if keys else "'[]'")
+    return Statement("SELECT" + ",".join(parts))
 
 
 def send_reads(
@@ -88,7 +96,7 @@ def send_reads(
     `resources`), the price in effect of each (provider, model), and which of the
     (tenant_id, request_id) pairs are live idempotency keys."""
     slot = wire.send(
-        _READS,
+        _reads(bool(models), bool(keys)),
         {
             "tenants": text_array(tenant_ids),
             "resources": text_array(resources),
@@ -160,8 +168,8 @@ class Locked:
 # Counters (created if missing), then wallets, then grants — the global lock order: the
 # branches of a UNION ALL run one after the other, each reading its CTE to the end.
 # A missing wallet is an empty one: it pays nothing, so it is never written.
-_LOCKS = Statement("""
-WITH counters AS (
+_LOCK_COUNTERS = """
+counters AS (
     INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start)
     SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz
     FROM jsonb_array_elements(%(counters)s::jsonb) WITH ORDINALITY AS u(e, n)
@@ -169,25 +177,36 @@ WITH counters AS (
     ON CONFLICT (tenant_id, resource, period, window_start)
     DO UPDATE SET used = c.used
     RETURNING tenant_id, resource, period, window_start, used, reserved, xmax = 0 AS created
-), wallets AS (
+)"""
+_LOCK_WALLETS = """
+wallets AS (
     SELECT tenant_id, balance_micros, held_micros FROM wallets
     WHERE tenant_id = ANY(%(wallets)s::text[]) ORDER BY tenant_id FOR UPDATE
 ), grants AS (
     SELECT tenant_id, grant_id, remaining_micros, expires_at, created_at FROM wallet_grants
     WHERE tenant_id = ANY(%(wallets)s::text[]) AND NOT expired AND remaining_micros > 0
     ORDER BY tenant_id, expires_at NULLS LAST, created_at, grant_id FOR UPDATE
-)
-SELECT coalesce(json_agg(json_build_array(kind, tenant_id, name, period, at, n1, n2, created)
-                         ORDER BY kind, tenant_id, at NULLS LAST, created_at, name), '[]')::text
-FROM (
+)"""
+_LOCKED_COUNTERS = """
     SELECT 'c', tenant_id, resource, period, window_start, used, reserved, created,
-           NULL::timestamptz FROM counters
-    UNION ALL
+           NULL::timestamptz FROM counters"""
+_LOCKED_WALLETS = """
     SELECT 'w', tenant_id, NULL, NULL, NULL, balance_micros, held_micros, NULL, NULL
       FROM wallets
     UNION ALL
     SELECT 'g', tenant_id, grant_id, NULL, expires_at, remaining_micros, NULL, NULL, created_at
-      FROM grants
+      FROM grants"""
+
+
+@cache
+def _locks(counters: bool, wallets: bool) -> Statement:
+    ctes = [c for c, wanted in ((_LOCK_COUNTERS, counters), (_LOCK_WALLETS, wallets)) if wanted]
+    rows = [r for r, wanted in ((_LOCKED_COUNTERS, counters), (_LOCKED_WALLETS, wallets)) if wanted]
+    return Statement(f"""
+WITH {", ".join(ctes)}
+SELECT coalesce(json_agg(json_build_array(kind, tenant_id, name, period, at, n1, n2, created)
+                         ORDER BY kind, tenant_id, at NULLS LAST, created_at, name), '[]')::text
+FROM ({" UNION ALL ".join(rows)}
 ) l(kind, tenant_id, name, period, at, n1, n2, created, created_at)
 """)
 
@@ -196,8 +215,14 @@ def send_locks(
     wire: Wire, keys: Sequence[TenantKey], wallet_tenants: Sequence[str]
 ) -> Pending[Locked]:
     """Create-if-missing and lock counter rows, then lock wallets and their live grants."""
+    if not keys and not wallet_tenants:
+
+        async def none() -> Locked:
+            return Locked({}, {}, {})
+
+        return none
     slot = wire.send(
-        _LOCKS,
+        _locks(bool(keys), bool(wallet_tenants)),
         {
             "counters": _keys_json(sorted(set(keys), key=_order)),
             "wallets": text_array(sorted(set(wallet_tenants))),
@@ -240,28 +265,32 @@ class BatchWrites:
     claims: list[tuple[str, str, str, str, dict[str, Any]]] = field(default_factory=list)
 
 
-# One statement of data-modifying CTEs (each part gets '[]' when it has nothing to do).
-# They touch disjoint rows, so running them in one snapshot is the same as one by one.
+# One statement of data-modifying CTEs, made of the parts a batch has something for (each
+# combination is its own prepared statement: PostgreSQL initialises every part of a plan
+# on every execution, the empty ones too — a fifth of its CPU for a lone request).
+# The parts touch disjoint rows, so running them in one snapshot is the same as one by one.
 # Every part finds its rows through a primary key with array conditions (or ON CONFLICT),
 # so no part can be planned as a full scan of a big table;
 # when fewer idempotency keys could be taken than asked (another transaction took one
 # first), quota_expect_claims fails the statement, which rolls the batch back.
-_WRITES = Statement(f"""
-WITH counters AS (
+_WRITE_PARTS = {
+    "counters": """
     INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start, used, reserved)
     SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz, (e->>4)::bigint, (e->>5)::bigint
     FROM jsonb_array_elements(%(deltas)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
     ON CONFLICT (tenant_id, resource, period, window_start)
     DO UPDATE SET used = c.used + EXCLUDED.used, reserved = c.reserved + EXCLUDED.reserved
-), dropped AS (
+""",
+    "dropped": """
     DELETE FROM usage_counters c
     USING jsonb_array_elements(%(dropped)s::jsonb) AS u(e)
     WHERE c.tenant_id = ANY(%(dropped_tenants)s::text[])
       AND c.window_start = ANY(%(dropped_starts)s::timestamptz[])
       AND c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
       AND c.window_start = (u.e->>3)::timestamptz AND c.used = 0 AND c.reserved = 0
-), records AS (
+""",
+    "records": """
     INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,
         request_id, reservation_id, plan_id, provider, model, input_tokens, output_tokens,
         cost_micros, wallet_charged_micros, over_limit, labels, occurred_at)
@@ -270,39 +299,66 @@ WITH counters AS (
            (e->>14)::bool, e->15, %(now)s::timestamptz
     FROM jsonb_array_elements(%(records)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
-), grants AS (
+""",
+    "grants": """
     UPDATE wallet_grants g SET remaining_micros = g.remaining_micros - (u.e->>2)::bigint
     FROM jsonb_array_elements(%(debits)s::jsonb) AS u(e)
     WHERE g.tenant_id = ANY(%(debit_tenants)s::text[])
       AND g.grant_id = ANY(%(debit_grants)s::text[])
       AND g.tenant_id = u.e->>0 AND g.grant_id = u.e->>1
-), ledger AS (
+""",
+    "ledger": """
     INSERT INTO wallet_ledger (tenant_id, grant_id, kind, delta_micros, usage_record_id,
                                reason, created_at)
     SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, e->>4, e->>5, %(now)s::timestamptz
     FROM jsonb_array_elements(%(ledger)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
-), wallets AS (
+""",
+    "wallets": """
     UPDATE wallets w SET balance_micros = (u.e->>1)::bigint, held_micros = (u.e->>2)::bigint,
                          updated_at = %(now)s::timestamptz
     FROM jsonb_array_elements(%(wallets)s::jsonb) AS u(e)
     WHERE w.tenant_id = ANY(%(wallet_tenants)s::text[]) AND w.tenant_id = u.e->>0
-), notes AS (
+""",
+    "notes": """
     INSERT INTO notifications (tenant_id, kind, dedupe_key, message, details, created_at)
     SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s::timestamptz
     FROM jsonb_array_elements(%(notes)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
     ON CONFLICT (tenant_id, dedupe_key) DO NOTHING
-), claims AS (
+""",
+    "claims": """
     INSERT INTO idempotency_keys AS k
         (tenant_id, request_id, operation, request_hash, response, created_at, expires_at)
     SELECT e->>0, e->>1, e->>2, e->>3, e->4, %(now)s::timestamptz, %(expires)s::timestamptz
     FROM jsonb_array_elements(%(claims)s::jsonb) AS u(e)
-    {CLAIM_UNLESS_LIVE}
+"""
+    + CLAIM_UNLESS_LIVE
+    + """
     RETURNING 1
+""",
+}
+
+
+# each part, and the parameter that says it has something to do
+_WRITE_KEYS = (
+    ("counters", "deltas"),
+    ("dropped", "dropped"),
+    ("records", "records"),
+    ("grants", "debits"),
+    ("ledger", "ledger"),
+    ("wallets", "wallets"),
+    ("notes", "notes"),
+    ("claims", "claims"),
 )
-SELECT quota_expect_claims(%(expected)s::bigint, (SELECT count(*) FROM claims))
-""")
+
+
+@cache
+def _writes(parts: tuple[str, ...]) -> Statement:
+    ctes = ",\n".join(f"{name} AS ({_WRITE_PARTS[name]})" for name in parts)
+    taken = "(SELECT count(*) FROM claims)" if "claims" in parts else "0"
+    return Statement(f"WITH {ctes}\nSELECT quota_expect_claims(%(expected)s::bigint, {taken})")
+
 
 CLAIM_RACE_SQLSTATE = "QB001"  # raised by quota_expect_claims (migration 0004)
 
@@ -318,27 +374,37 @@ def send_writes(wire: Wire, w: BatchWrites, now: datetime, expires_at: datetime)
     notes: dict[tuple[str, str], tuple[str, str, str, str, dict[str, Any]]] = {}
     for note in w.notes:
         notes.setdefault((note[0], note[2]), note)
-    slot = wire.send(
-        _WRITES,
-        {
-            "now": now.isoformat(),
-            "expires": expires_at.isoformat(),
-            "deltas": _json([[*_key_json(k), *w.deltas[k]] for k in deltas]),
-            "dropped": _keys_json(w.dropped),
-            "dropped_tenants": text_array(sorted({k[0] for k in w.dropped})),
-            "dropped_starts": text_array(sorted({k[3].isoformat() for k in w.dropped})),
-            "debit_tenants": text_array(sorted({t for t, _ in debits})),
-            "debit_grants": text_array(sorted({g for _, g in debits})),
-            "wallet_tenants": text_array(sorted(w.wallets)),
-            "records": _json([_record_json(t, r) for t, r in w.records]),
-            "debits": _json([[t, g, m] for (t, g), m in sorted(debits.items())]),
-            "ledger": _json([list(e) for e in w.ledger]),
-            "wallets": _json([[t, b, h] for t, (b, h) in sorted(w.wallets.items())]),
-            "notes": _json([list(n) for n in notes.values()]),
-            "claims": _json([list(c) for c in w.claims]),
-            "expected": len(w.claims),
-        },
-    )
+    values: dict[str, Any] = {"now": now.isoformat(), "expected": len(w.claims)}
+    if deltas:
+        values["deltas"] = _json([[*_key_json(k), *w.deltas[k]] for k in deltas])
+    if w.dropped:
+        values["dropped"] = _keys_json(w.dropped)
+        values["dropped_tenants"] = text_array(sorted({k[0] for k in w.dropped}))
+        values["dropped_starts"] = text_array(sorted({k[3].isoformat() for k in w.dropped}))
+    if w.records:
+        values["records"] = _json([_record_json(t, r) for t, r in w.records])
+    if debits:
+        values["debits"] = _json([[t, g, m] for (t, g), m in sorted(debits.items())])
+        values["debit_tenants"] = text_array(sorted({t for t, _ in debits}))
+        values["debit_grants"] = text_array(sorted({g for _, g in debits}))
+    if w.ledger:
+        values["ledger"] = _json([list(e) for e in w.ledger])
+    if w.wallets:
+        values["wallets"] = _json([[t, b, h] for t, (b, h) in sorted(w.wallets.items())])
+        values["wallet_tenants"] = text_array(sorted(w.wallets))
+    if notes:
+        values["notes"] = _json([list(n) for n in notes.values()])
+    if w.claims:
+        values["claims"] = _json([list(c) for c in w.claims])
+        values["expires"] = expires_at.isoformat()
+    parts = tuple(name for name, key in _WRITE_KEYS if key in values)
+    if not parts:  # denials and dry runs only: nothing to write
+
+        async def nothing() -> int:
+            return 0
+
+        return nothing
+    slot = wire.send(_writes(parts), values)
 
     async def result() -> int:
         return int(await wire.value(slot) or b"0")

@@ -95,6 +95,7 @@ class Wire:
         self._awaited: deque[tuple[int, bytes | None]] = deque()  # slot, statement prepared
         self._answers: dict[int, pq.abc.PGresult | psycopg.Error] = {}
         self._slots = 0
+        self._flushed = 0  # the last slot a flush request or Sync has asked the server for
         self._failed: psycopg.Error | None = None  # the error that aborted the pipeline
         self._open = False
         self._reading = False  # a read interrupted (cancelled) leaves libpq mid-answer
@@ -146,7 +147,9 @@ class Wire:
         """The statement's result (a round trip for everything queued, when not yet read);
         raises its error, or the error that made the server skip it."""
         if slot not in self._answers:
-            self._pg.send_flush_request()
+            if slot > self._flushed:  # else a flush request already covers it
+                self._pg.send_flush_request()
+                self._flushed = self._slots
             await self._read(until=slot)
         answer = self._answers.pop(slot)
         if isinstance(answer, psycopg.Error):
@@ -160,6 +163,7 @@ class Wire:
         """Send a Sync and read every answer (ending the pipeline's implicit transaction,
         if no BEGIN is open); raises the first error among the answers not yet taken."""
         self._pg.pipeline_sync()
+        self._flushed = self._slots
         self._awaited.append((_SYNC, None))
         await self._read(until=_SYNC)
         self._failed = None  # the server takes statements again after a Sync
