@@ -155,3 +155,21 @@ async def test_statements_deallocated_behind_its_back_are_prepared_again(
         async with Wire.open(conn) as wire:  # the caller's retry
             assert await wire.value(wire.send(COUNT, {"prefix": uid})) == b"0"
             await wire.sync()
+
+
+async def test_a_connection_lost_between_batches_fails_and_is_replaced(
+    pool: AsyncConnectionPool[Any], probe: None, uid: str
+) -> None:
+    async with pool.connection() as conn:
+        async with Wire.open(conn) as wire:
+            await wire.result(wire.send(COUNT, {"prefix": uid}))
+            await wire.sync()
+        async with pool.connection() as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError):
+            async with Wire.open(conn) as wire:
+                wire.send(BEGIN)
+                await wire.result(wire.send(COUNT, {"prefix": uid}))
+        assert conn.closed
+    async with pool.connection() as other:  # the pool has replaced it
+        assert await (await other.execute("SELECT 1")).fetchone() == (1,)
