@@ -14,7 +14,7 @@ A handful of statements serve the whole batch, whatever its size, in two round t
    runs random workloads both ways and compares answers and books);
 3. one statement writes counters, usage records, grant debits, ledger entries, wallets,
    notifications and idempotency keys set-based; the caller sends it with the upgrade-offer
-   reads for denials and its COMMIT in one round trip (db/txn.py).
+   reads for denials and its COMMIT in one round trip (db/wire.py).
 
 Tenants with lazily expiring state (an expired reservation to release, a grant to expire)
 are left to the one-by-one path, in the same transaction. When another transaction took
