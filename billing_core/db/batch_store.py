@@ -124,6 +124,15 @@ def send_reads(
     return result
 
 
+def _already(value: T) -> Pending[T]:
+    """The result of a statement that did not need sending."""
+
+    async def result() -> T:
+        return value
+
+    return result
+
+
 def _timestamp(value: Any) -> Any:  # a timestamptz that came as JSON text
     return None if value is None else datetime.fromisoformat(value)
 
@@ -216,11 +225,7 @@ def send_locks(
 ) -> Pending[Locked]:
     """Create-if-missing and lock counter rows, then lock wallets and their live grants."""
     if not keys and not wallet_tenants:
-
-        async def none() -> Locked:
-            return Locked({}, {}, {})
-
-        return none
+        return _already(Locked({}, {}, {}))
     slot = wire.send(
         _locks(bool(keys), bool(wallet_tenants)),
         {
@@ -399,11 +404,7 @@ def send_writes(wire: Wire, w: BatchWrites, now: datetime, expires_at: datetime)
         values["expires"] = expires_at.isoformat()
     parts = tuple(name for name, key in _WRITE_KEYS if key in values)
     if not parts:  # denials and dry runs only: nothing to write
-
-        async def nothing() -> int:
-            return 0
-
-        return nothing
+        return _already(0)
     slot = wire.send(_writes(parts), values)
 
     async def result() -> int:
