@@ -87,11 +87,14 @@ class _Tenant:
             found = self.windows[resource] = (quotas, tuple(windows))
         return found
 
+    def live_micros(self) -> int:
+        """The live wallet as the batch has left it so far."""
+        return self.ctx.wallet_live_micros - self.spent
+
     def context(self) -> TenantContext:
         """The context with the live wallet as the batch has left it so far."""
         if self.spent:
-            live = self.ctx.wallet_live_micros - self.spent
-            self.ctx = replace(self.ctx, wallet_live_micros=live)
+            self.ctx = replace(self.ctx, wallet_live_micros=self.live_micros())
             self.spent = 0
         return self.ctx
 
@@ -291,7 +294,7 @@ def _decide_one(
         verdict = decide(wcs, req.amount, cost, NO_LIMIT, unlimited=ctx.unlimited)
         if verdict.allowed and verdict.charge_micros > 0:
             if req.dry_run:
-                balance, held = ctx.wallet_live_micros - state.spent, 0
+                balance, held = state.live_micros(), 0
             else:
                 balance, held = state.wallet or (0, 0)
             verdict = decide(wcs, req.amount, cost, balance - held, unlimited=ctx.unlimited)
@@ -304,7 +307,7 @@ def _decide_one(
         assert state.wallet is not None  # decide() let the wallet pay, so it was locked
         balance = state.wallet[0] - charge
     else:
-        balance = ctx.wallet_live_micros - state.spent
+        balance = state.live_micros()
     record_id = new_id("ur", now)
     decision = decisions.allowed(
         ctx,

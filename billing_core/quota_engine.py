@@ -205,8 +205,8 @@ class QuotaEngine:
 
         async def attempt() -> dict[int, Decision | QuotaError]:
             batch = [reqs[i] for i in valid]
-            pool = self._batch_pool
-            async with pool.connection(timeout=self._rules.acquire_timeout_s) as conn:
+            timeout = self._rules.acquire_timeout_s
+            async with self._batch_pool.connection(timeout=timeout) as conn:
                 async with Wire.open(conn) as wire:  # two round trips for a whole batch
                     wire.send(BEGIN)
                     wire.send(_INDEXED_PLANS_STATEMENT)

@@ -43,22 +43,21 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
-        # labelled children, looked up once per label set rather than on every call
-        self._decided: dict[tuple[str, str, str], Any] = {}
-        self._timed: dict[tuple[str, str], Any] = {}
+        # labelled children, looked up once per metric and label set rather than on every call
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def decided(self, method: str, reason: str, resource: str) -> None:
-        key = (method, reason, resource)
-        child = self._decided.get(key)
-        if child is None:
-            child = self._decided[key] = self.decisions.labels(*key)
-        child.inc()
+        self._child(self.decisions, method, reason, resource).inc()
 
     def timed(self, method: str, code: str, seconds: float) -> None:
-        child = self._timed.get((method, code))
-        if child is None:
-            child = self._timed[(method, code)] = self.latency.labels(method, code)
-        child.observe(seconds)
+        self._child(self.latency, method, code).observe(seconds)
 
 
 class QuotaServicer(pb_grpc.QuotaServiceServicer):

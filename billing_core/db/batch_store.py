@@ -345,19 +345,6 @@ _WRITE_PARTS = {
 }
 
 
-# each part, and the parameter that says it has something to do
-_WRITE_KEYS = (
-    ("counters", "deltas"),
-    ("dropped", "dropped"),
-    ("records", "records"),
-    ("grants", "debits"),
-    ("ledger", "ledger"),
-    ("wallets", "wallets"),
-    ("notes", "notes"),
-    ("claims", "claims"),
-)
-
-
 @cache
 def _writes(parts: tuple[str, ...]) -> Statement:
     ctes = ",\n".join(f"{name} AS ({_WRITE_PARTS[name]})" for name in parts)
@@ -380,32 +367,40 @@ def send_writes(wire: Wire, w: BatchWrites, now: datetime, expires_at: datetime)
     for note in w.notes:
         notes.setdefault((note[0], note[2]), note)
     values: dict[str, Any] = {"now": now.isoformat(), "expected": len(w.claims)}
+    parts: list[str] = []  # in the order of _WRITE_PARTS
     if deltas:
+        parts.append("counters")
         values["deltas"] = _json([[*_key_json(k), *w.deltas[k]] for k in deltas])
     if w.dropped:
+        parts.append("dropped")
         values["dropped"] = _keys_json(w.dropped)
         values["dropped_tenants"] = text_array(sorted({k[0] for k in w.dropped}))
         values["dropped_starts"] = text_array(sorted({k[3].isoformat() for k in w.dropped}))
     if w.records:
+        parts.append("records")
         values["records"] = _json([_record_json(t, r) for t, r in w.records])
     if debits:
+        parts.append("grants")
         values["debits"] = _json([[t, g, m] for (t, g), m in sorted(debits.items())])
         values["debit_tenants"] = text_array(sorted({t for t, _ in debits}))
         values["debit_grants"] = text_array(sorted({g for _, g in debits}))
     if w.ledger:
+        parts.append("ledger")
         values["ledger"] = _json([list(e) for e in w.ledger])
     if w.wallets:
+        parts.append("wallets")
         values["wallets"] = _json([[t, b, h] for t, (b, h) in sorted(w.wallets.items())])
         values["wallet_tenants"] = text_array(sorted(w.wallets))
     if notes:
+        parts.append("notes")
         values["notes"] = _json([list(n) for n in notes.values()])
     if w.claims:
+        parts.append("claims")
         values["claims"] = _json([list(c) for c in w.claims])
         values["expires"] = expires_at.isoformat()
-    parts = tuple(name for name, key in _WRITE_KEYS if key in values)
     if not parts:  # denials and dry runs only: nothing to write
         return _already(0)
-    slot = wire.send(_writes(parts), values)
+    slot = wire.send(_writes(tuple(parts)), values)
 
     async def result() -> int:
         return int(await wire.value(slot) or b"0")

@@ -31,7 +31,7 @@ import re
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,8 @@ from psycopg import pq
 
 Conn = psycopg.AsyncConnection[Any]
 _OK = frozenset((pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK))
+_IDLE = pq.TransactionStatus.IDLE
+_ROLLBACK_FROM = frozenset((pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR))
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
 # the statements each live connection has prepared (forgotten with the connection)
 _PREPARED: weakref.WeakKeyDictionary[Any, set[bytes]] = weakref.WeakKeyDictionary()
@@ -156,8 +158,9 @@ class Wire:
             raise answer
         return answer
 
-    async def value(self, slot: int, row: int = 0, column: int = 0) -> bytes | None:
-        return (await self.result(slot)).get_value(row, column)
+    async def value(self, slot: int) -> bytes | None:
+        """The first column of the first row (every batch statement answers one value)."""
+        return (await self.result(slot)).get_value(0, 0)
 
     async def sync(self) -> None:
         """Send a Sync and read every answer (ending the pipeline's implicit transaction,
@@ -240,25 +243,24 @@ class Wire:
     async def _abandon(self) -> None:
         """After an exception: read what is in flight, roll back, leave pipeline mode — or,
         when the connection cannot be brought back (cancelled mid-read, server gone), close
-        it, so that the pool replaces it and the server rolls back."""
-        if self._reading or self._pg.status != pq.ConnStatus.OK:
-            self._pg.finish()
-            return
+        it, so that the pool replaces it and the server rolls back. The caller's exception
+        is the one that counts: a failure here only closes the connection."""
         try:
-            await self.sync()
+            if not self._reading and self._pg.status == pq.ConnStatus.OK:
+                with suppress(psycopg.Error):
+                    await self.sync()  # what is in flight, errors included
+                if not self._reading and self._pg.transaction_status in _ROLLBACK_FROM:
+                    self.send(b"ROLLBACK")
+                    await self.sync()
+                if not self._reading and self._pg.transaction_status == _IDLE:
+                    self.close()
+                    return
         except psycopg.Error:
             pass
         except BaseException:
             self._pg.finish()
             raise
-        try:
-            if self._pg.transaction_status != pq.TransactionStatus.IDLE:
-                self.send(b"ROLLBACK")
-                await self.sync()
-            self.close()
-        except BaseException:
-            self._pg.finish()
-            raise
+        self._pg.finish()
 
 
 def _wake(future: asyncio.Future[None]) -> None:
