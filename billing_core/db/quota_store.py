@@ -49,6 +49,10 @@ class TenantContext:
 # quotas (overrides first: they win over the plan's quota of the same resource and period)
 # and whether expired reservations wait to be released. The two flags are scalar subqueries,
 # not EXISTS: PostgreSQL 18 may plan an EXISTS as a hashed subplan that reads the whole table.
+# The subscription and the plan are LATERAL subqueries with LIMIT 1 (each is unique), so
+# they are always looked up per tenant: as plain joins, a generic plan made while the
+# tables were small hashed the tenants and read every current subscription, each time
+# (tests/integration/test_batch_plans.py).
 CONTEXT_SQL = """
 SELECT t.tenant_id, t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_since,
        s.billing_cycle_anchor, coalesce(p.unlimited, false) AS unlimited,
@@ -75,8 +79,9 @@ SELECT t.tenant_id, t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, 
                   WHERE g.tenant_id = t.tenant_id AND NOT g.expired
                     AND g.expires_at <= %(now)s LIMIT 1), false) AS has_due_grants
 FROM tenants t
-LEFT JOIN subscriptions s ON s.tenant_id = t.tenant_id AND s.is_current
-LEFT JOIN plans p ON p.plan_id = s.plan_id
+LEFT JOIN LATERAL (SELECT * FROM subscriptions s
+                    WHERE s.tenant_id = t.tenant_id AND s.is_current LIMIT 1) s ON true
+LEFT JOIN LATERAL (SELECT * FROM plans p WHERE p.plan_id = s.plan_id LIMIT 1) p ON true
 WHERE t.tenant_id = ANY(%(tenants)s::text[])
 """
 CONTEXT_COLUMNS = (

@@ -3,8 +3,10 @@
 A plan is PostgreSQL's choice, so this is checked where it matters: on a database with
 thousands of tenants, keys, counters and records, a run of batches (enough for prepared
 statements to switch to generic plans) must not add a single sequential scan of those
-tables, nor read idempotency keys through the expiry index (which covers every live key).
-Twice a plan like that cost milliseconds per batch before anyone noticed.
+tables, nor read idempotency keys through the expiry index (which covers every live key),
+nor read more index entries than a few per request (an index scan can read a whole
+tenant's keys, or every current subscription, and throw them away in a filter or a hash).
+Three times a plan like that cost milliseconds per batch before anyone noticed.
 """
 
 from __future__ import annotations
@@ -122,13 +124,26 @@ async def _scans(url: str) -> dict[str, int]:
         return found
 
 
-async def _settled(url: str) -> dict[str, int]:
+async def _index_reads(url: str) -> dict[str, int]:
+    """Index entries read so far, per big table (every index of the table)."""
+    async with await AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT relname, coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes"
+            " WHERE relname = ANY(%s) GROUP BY relname",
+            (list(BIG_TABLES),),
+        )
+        return {name: int(n) for name, n in await cur.fetchall()}
+
+
+async def _settled(
+    url: str, read: Callable[[str], Awaitable[dict[str, int]]] = _scans
+) -> dict[str, int]:
     """Counters once every backend that worked on the database has reported (backends
     report when they exit, and closed connections exit shortly after)."""
-    last = await _scans(url)
+    last = await read(url)
     for _ in range(20):
         await asyncio.sleep(0.25)
-        now = await _scans(url)
+        now = await read(url)
         if now == last:
             return now
         last = now
@@ -171,6 +186,44 @@ async def test_batches_never_scan_a_big_table(server_url: str) -> None:
     assert added == {name: 0 for name in after}, f"scans added by the batches: {added}"
 
 
+async def test_a_busy_tenant_costs_a_batch_no_more_index_reads_than_a_quiet_one(
+    server_url: str,
+) -> None:
+    """One tenant with 20,000 live idempotency keys among 20,000 tenants, statistics fresh:
+    every batch (half of its requests the busy tenant's) reads a few index entries per
+    request from each table, not the busy tenant's keys nor every current subscription."""
+    with fresh_database(server_url, "bp_busy") as url:
+        async with await AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(
+                "INSERT INTO idempotency_keys (tenant_id, request_id, operation,"
+                " request_hash, response, created_at, expires_at)"
+                " SELECT 'g-1', 'busy-' || i, 'consume', 'h', '{}', %s, %s"
+                " FROM generate_series(1, 20000) i",
+                (NOW - timedelta(minutes=5), NOW + timedelta(hours=1)),
+            )
+        await _populate(url)  # analyzes, the busy tenant's keys included
+        before = await _settled(url, _index_reads)
+        pool = await open_pool(url, 2)
+        rng = random.Random(17)
+        requests = 0
+        try:
+            engine = QuotaEngine(pool, FrozenClock(NOW), QuotaRules())
+            for batch in range(30):  # > 5 runs of each statement: generic plans may be chosen
+                reqs = []
+                for i in range(rng.randint(1, 8)):
+                    tenant = "g-1" if i % 2 == 0 else f"g-{rng.randint(2, TENANTS)}"
+                    reqs.append(ConsumeRequest(tenant, "messages", 1, f"q{batch}-{i}"))
+                requests += len(reqs)
+                answers = await engine.consume_batch(reqs)
+                assert all(isinstance(a, Decision) and a.allowed for a in answers), answers
+        finally:
+            await pool.close()
+        after = await _settled(url, _index_reads)
+    added = _added(before, after)
+    heavy = {name: n for name, n in added.items() if n > 10 * requests}
+    assert not heavy, f"index entries read for {requests} requests: {added}"
+
+
 Workload = Callable[[QuotaEngine, random.Random, int, int], Awaitable[None]]
 
 
@@ -193,12 +246,17 @@ async def _scans_after_growth(
             async with await AsyncConnection.connect(url, autocommit=True) as conn:
                 await _grow(conn, plan, 40, TENANTS)
             before = await _settled(url)
+            reads_before = await _settled(url, _index_reads)
             await work(engine, rng, rounds, 40 + TENANTS)
-            after = await _settled(url)
         finally:
             await pool.close()
+        after = await _settled(url)
+        reads = _added(reads_before, await _settled(url, _index_reads))
     added = _added(before, after)
     assert added == {name: 0 for name in after}, f"scans added after the growth: {added}"
+    # a few entries per call and table: not a table's worth
+    heavy = {name: n for name, n in reads.items() if n > TENANTS // 2}
+    assert not heavy, f"index entries read after the growth: {reads}"
 
 
 async def _one_by_one(engine: QuotaEngine, rng: random.Random, count: int, tenants: int) -> None:
