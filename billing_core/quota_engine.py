@@ -586,6 +586,25 @@ class QuotaEngine:
                 swept += 1
         return swept
 
+    async def sweep_expired_keys(self, limit: int = 5_000, rounds: int = 20) -> int:
+        """Delete idempotency keys past their expiry (IDEMPOTENCY_TTL_HOURS), `limit` per
+        transaction so no lock is held long, at most `rounds` transactions per sweep (the
+        next sweep goes on); without it the table, which CheckAndConsume reads and writes
+        on every call, would grow by one row per request forever."""
+        now = self._clock.now()
+
+        async def delete(conn: Conn) -> int:
+            async with _transaction(conn):
+                return await store.delete_expired_request_ids(conn, now, limit)
+
+        swept = 0
+        for _ in range(rounds):
+            deleted = await self._run(delete)
+            swept += deleted
+            if deleted < limit:
+                break
+        return swept
+
     # --- Free ------------------------------------------------------------------------
 
     async def free(self, req: FreeRequest) -> FreeResult:

@@ -87,7 +87,7 @@ class QuotaServer:
         await self._set_serving(True)
         self._tasks = [
             asyncio.create_task(self._watch_database(), name="db-health"),
-            asyncio.create_task(self._sweep_reservations(), name="reservation-sweep"),
+            asyncio.create_task(self._sweep(), name="sweep"),
         ]
         log.info(
             "quota_service_started",
@@ -114,15 +114,21 @@ class QuotaServer:
                 log.warning("database_health_changed", serving=ok)
             await asyncio.sleep(1.0)
 
-    async def _sweep_reservations(self) -> None:
+    async def _sweep(self) -> None:
+        """Release expired reservations and forget expired idempotency keys, every
+        RESERVATION_SWEEP_SECONDS (several sidecars may sweep at once: they skip each
+        other's rows)."""
         while True:
             await asyncio.sleep(self.settings.reservation_sweep_seconds)
             try:
                 swept = await self.engine.sweep_expired()
                 if swept:
                     log.info("reservations_expired", count=swept)
+                forgotten = await self.engine.sweep_expired_keys()
+                if forgotten:
+                    log.info("idempotency_keys_expired", count=forgotten)
             except Exception as exc:  # the sweep must outlive a database outage
-                log.warning("reservation_sweep_failed", error=str(exc))
+                log.warning("sweep_failed", error=str(exc))
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, finish in-flight calls (up to grace), then close."""

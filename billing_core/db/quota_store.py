@@ -338,6 +338,22 @@ async def expired_reservation_ids(conn: Conn, now: datetime, limit: int) -> list
     return [(r[0], r[1]) for r in await cur.fetchall()]
 
 
+async def delete_expired_request_ids(conn: Conn, now: datetime, limit: int) -> int:
+    """Forget up to `limit` idempotency keys past their expiry, oldest first. An expired key
+    already counts as absent everywhere (a new request with its request_id takes it over),
+    so forgetting it changes no answer. Keys another transaction holds are skipped (SKIP
+    LOCKED): it is taking one over, or another sweeper is deleting it."""
+    cur = await conn.execute(
+        "WITH gone AS (DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
+        " SELECT ctid FROM idempotency_keys WHERE expires_at <= %s"
+        " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED)) RETURNING 1)"
+        " SELECT count(*) FROM gone",
+        (now, limit),
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 # --- counters --------------------------------------------------------------------------
 
 

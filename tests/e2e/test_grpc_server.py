@@ -294,3 +294,29 @@ async def test_shutdown_drains_in_flight_calls(server_url: str) -> None:
         assert decision.allowed and decision.windows[0].used == 3
     finally:
         drop_database(server_url, name)
+
+
+async def test_the_running_sidecar_forgets_expired_idempotency_keys(server_url: str) -> None:
+    server, name = await _private_sidecar(server_url, reservation_sweep_seconds=1)
+    pool = server.pool
+    try:
+        plan = await f.plan(pool, NOW, "keys", [quota("messages", "overall", 10)])
+        t = await f.tenant(pool, NOW, "keys-tenant", plan)
+        async with AsyncQuotaClient(target(server)) as client:
+            assert (await client.check_and_consume(t, "messages", 1, request_id="kept")).allowed
+            assert (await client.check_and_consume(t, "messages", 1, request_id="aged")).allowed
+        async with pool.connection() as conn:  # as if a day had passed for one of them
+            await conn.execute(
+                "UPDATE idempotency_keys SET expires_at = now() - interval '1 second'"
+                " WHERE request_id = 'aged'"
+            )
+        left: list[tuple[Any, ...]] = []
+        for _ in range(50):  # the sweep runs every second
+            await asyncio.sleep(0.1)
+            left = await f.fetch(pool, "SELECT request_id FROM idempotency_keys")
+            if len(left) == 1:
+                break
+        assert left == [("kept",)]
+    finally:
+        await server.stop(grace=1)
+        drop_database(server_url, name)

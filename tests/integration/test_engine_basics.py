@@ -6,15 +6,17 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from billing_core import catalog
 from billing_core.catalog import quota
 from billing_core.clock import FrozenClock
+from billing_core.db.pool import open_pool
 from billing_core.errors import Conflict, InvalidRequest, NotFound
 from billing_core.limits import Reason, SubscriptionStatus, WindowState
 from billing_core.pricing import TokenUsage
-from billing_core.quota_engine import QuotaEngine
+from billing_core.quota_engine import QuotaEngine, QuotaRules
 from billing_core.usage import (
     CommitRequest,
     ConsumeRequest,
@@ -244,3 +246,42 @@ async def test_an_expired_grant_stops_paying_and_is_written_off_in_the_ledger(
     assert rows == [("debit", -200), ("expire", -600), ("grant", 1000)]
     [(balance,)] = await f.fetch(pool, "SELECT balance_micros FROM wallets WHERE tenant_id = %s", t)
     assert balance == 200
+
+
+async def test_expired_idempotency_keys_are_swept_and_their_request_ids_count_anew(
+    scratch_database: str, clock: FrozenClock
+) -> None:
+    """The sweep forgets keys past IDEMPOTENCY_TTL_HOURS — never a live one, nor one another
+    transaction holds — and forgetting changes no answer: an expired request_id counts
+    anew whether or not its key is still there."""
+    pool = await open_pool(scratch_database, 2)
+    try:
+        engine = QuotaEngine(pool, clock, QuotaRules())
+        plan = await f.plan(pool, clock.now(), "sweep", [quota("messages", "monthly", 100)])
+        t = await f.tenant(pool, clock.now(), "t-sweep", plan)
+        for rid in ("old-1", "old-2", "old-3", "held"):
+            assert (await engine.consume(ConsumeRequest(t, "messages", 1, rid))).allowed
+        clock.advance(timedelta(hours=12))
+        live = await engine.consume(ConsumeRequest(t, "messages", 1, "live"))
+        clock.advance(timedelta(hours=13))  # the first four are 25 h old, "live" 13 h
+        async with await AsyncConnection.connect(scratch_database) as other:
+            await other.execute(
+                "SELECT 1 FROM idempotency_keys WHERE request_id = 'held' FOR UPDATE"
+            )
+            assert await engine.sweep_expired_keys(limit=2, rounds=1) == 2  # two per transaction
+            assert await engine.sweep_expired_keys(limit=2, rounds=5) == 1  # "held" skipped
+            await other.rollback()
+        assert await engine.sweep_expired_keys() == 1
+        assert await engine.sweep_expired_keys() == 0
+        kept = await f.fetch(
+            pool, "SELECT request_id FROM idempotency_keys WHERE tenant_id = %s", t
+        )
+        assert kept == [("live",)]
+        again = await engine.consume(ConsumeRequest(t, "messages", 1, "live"))
+        assert again.replayed and again.usage_record_id == live.usage_record_id
+        anew = await engine.consume(ConsumeRequest(t, "messages", 1, "old-1"))
+        assert anew.allowed and not anew.replayed
+        used = await f.fetch(pool, "SELECT sum(amount) FROM usage_records WHERE tenant_id = %s", t)
+        assert used == [(6,)]
+    finally:
+        await pool.close()

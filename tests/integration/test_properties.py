@@ -182,6 +182,7 @@ class Runner:
                 self.clock.advance(timedelta(seconds=seconds))
             case Sweep():
                 await self.engine.sweep_expired()
+                await self.engine.sweep_expired_keys()
             case _:
                 pass  # a commit/release of a reservation that was never made
 
