@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -93,6 +94,33 @@ class Result:
     peak_rss_mb: float
     errors: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # the rest of the machine's CPU per call: every PostgreSQL process, the load process
+    db_cpu_ms_per_call: float = 0.0
+    load_cpu_ms_per_call: float = 0.0
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU used so far by every PostgreSQL process on this machine (backends, WAL writer,
+    checkpointer; the bench's database is the only busy one)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name, rest = stat[stat.index("(") + 1 :].rsplit(")", 1)
+        if name.startswith("postgres"):
+            fields = rest.split()
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _free_port() -> int:
@@ -149,7 +177,7 @@ def start_reference(kind: str, database_url: str) -> Server:
 def drive(server: Server, scenario: str, in_flight: int, cfg: Config) -> Result:
     tenants = {"hot": "hot", "10k-uniform": "uniform", "zipf": "zipf", "history": "hot"}
     resource = "tokens" if tenants[scenario] == "hot" else "messages"
-    cpu0 = server.cpu_seconds()
+    cpu0, db0, load0 = server.cpu_seconds(), postgres_cpu_seconds(), _children_cpu_seconds()
     out = subprocess.run(
         [sys.executable, "-m", "bench.load", "--target", server.target,
          "--in-flight", str(in_flight), "--seconds", str(cfg.seconds),
@@ -158,6 +186,7 @@ def drive(server: Server, scenario: str, in_flight: int, cfg: Config) -> Result:
         cwd=ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
     cpu = server.cpu_seconds() - cpu0
+    db, load = postgres_cpu_seconds() - db0, _children_cpu_seconds() - load0
     data = json.loads(out.stdout)
     total_calls = max(1, data["calls"]) * (cfg.seconds + cfg.warmup) / cfg.seconds
     return Result(
@@ -171,6 +200,8 @@ def drive(server: Server, scenario: str, in_flight: int, cfg: Config) -> Result:
         cpu * 1000 / total_calls,
         server.peak_rss_mb(),
         data["errors"],
+        db_cpu_ms_per_call=db * 1000 / total_calls,
+        load_cpu_ms_per_call=load * 1000 / total_calls,
     )
 
 
@@ -351,7 +382,33 @@ def combine(runs: list[Result]) -> Result:
         max(r.peak_rss_mb for r in runs),
         sum(r.errors for r in runs),
         {"calls_per_s_by_round": [round(r.calls_per_s) for r in runs]},
+        statistics.median(r.db_cpu_ms_per_call for r in runs),
+        statistics.median(r.load_cpu_ms_per_call for r in runs),
     )
+
+
+def cpu_budget(results: list[Result]) -> list[str]:
+    """What the CPU per call allows, whatever the scheduling: a call costs the machine the
+    server's CPU, PostgreSQL's and the load process's; on the CPU the echo run used, the
+    sidecar can reach at most the ratio of the two costs of the echo server's calls/s."""
+
+    def parts(r: Result) -> tuple[float, str]:
+        total = r.cpu_ms_per_call + r.db_cpu_ms_per_call + r.load_cpu_ms_per_call
+        return total, (
+            f"{total:.3f} ms (server {r.cpu_ms_per_call:.3f}, PostgreSQL "
+            f"{r.db_cpu_ms_per_call:.3f}, load {r.load_cpu_ms_per_call:.3f})"
+        )
+
+    lines = []
+    for scen in ("hot", "10k-uniform"):
+        found = {r.server: r for r in results if r.scenario == scen and r.in_flight == 64}
+        if "echo" in found and "sidecar" in found:
+            (echo_ms, echo), (side_ms, side) = parts(found["echo"]), parts(found["sidecar"])
+            lines.append(
+                f"CPU per call at 64 in flight, {scen}: echo {echo}, sidecar {side} → on the "
+                f"CPU the echo run used, at most {echo_ms / side_ms:.2f} of its calls/s."
+            )
+    return lines
 
 
 def markdown(results: list[Result], rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -372,15 +429,18 @@ def markdown(results: list[Result], rows: list[dict[str, Any]], meta: dict[str, 
     lines += [
         "",
         "| server | scenario | in flight | calls/s | p50 ms | p99 ms | p99.9 ms "
-        "| server CPU ms/call | peak RSS MB | denied/errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| server CPU ms/call | PostgreSQL CPU ms/call | load CPU ms/call "
+        "| peak RSS MB | denied/errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.server} | {r.scenario} | {r.in_flight} | {r.calls_per_s:,.0f} | "
             f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.p999_ms:.2f} | {r.cpu_ms_per_call:.3f} | "
+            f"{r.db_cpu_ms_per_call:.3f} | {r.load_cpu_ms_per_call:.3f} | "
             f"{r.peak_rss_mb:.0f} | {r.errors} |"
         )
+    lines += ["", *cpu_budget(results)]
     lines += ["", f"Correctness: {json.dumps(meta['correctness'])}"]
     return "\n".join(lines) + "\n"
 

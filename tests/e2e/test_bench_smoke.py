@@ -36,6 +36,11 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
         "windows_over_limit": 0,
         "wallet_off_ledger_micros": 0,
     }
+    # the machine's CPU per call is measured beside the server's: PostgreSQL worked for the
+    # sidecar, the load processes for everyone
+    sidecar = [r for r in report["results"] if r["server"] == "sidecar"]
+    assert sum(r["db_cpu_ms_per_call"] for r in sidecar) > 0
+    assert all(r["load_cpu_ms_per_call"] > 0 for r in report["results"])
     assert report["meta"]["rounds"] == 2
     assert all(len(r["extra"]["calls_per_s_by_round"]) == 2 for r in report["results"])
     assert "| measure | value | per round | target | met |" in (tmp_path / "latest.md").read_text()

@@ -4,7 +4,7 @@ round with a slow sidecar round."""
 
 from __future__ import annotations
 
-from bench.__main__ import Result, combine, ratios
+from bench.__main__ import Result, combine, cpu_budget, ratios
 
 
 def point(server: str, scenario: str, n: int, calls: float, p50: float = 1.0) -> Result:
@@ -42,3 +42,14 @@ def test_a_point_is_the_median_of_its_rounds() -> None:
     combined = combine(runs)
     assert combined.calls_per_s == 1500.0 and combined.errors == 2
     assert combined.extra["calls_per_s_by_round"] == [900, 2000, 1500]
+
+
+def test_the_cpu_budget_bounds_the_throughput_ratio() -> None:
+    echo = point("echo", "hot", 64, 4000)
+    echo.cpu_ms_per_call, echo.load_cpu_ms_per_call = 0.25, 0.25
+    side = point("sidecar", "hot", 64, 2000)
+    side.cpu_ms_per_call, side.db_cpu_ms_per_call, side.load_cpu_ms_per_call = 0.5, 0.25, 0.25
+    [line] = cpu_budget([echo, side, point("sidecar", "10k-uniform", 64, 1800)])
+    assert line.startswith("CPU per call at 64 in flight, hot: echo 0.500 ms (server 0.250,")
+    assert "sidecar 1.000 ms (server 0.500, PostgreSQL 0.250, load 0.250)" in line
+    assert line.endswith("at most 0.50 of its calls/s.")
