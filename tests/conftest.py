@@ -86,7 +86,15 @@ async def sidecar(database_url: str) -> AsyncIterator[Any]:
     from billing_core.settings import Settings
     from quota_service.server import create_server
 
-    settings = Settings(database_url=database_url, grpc_port=0, metrics_port=-1, db_pool_size=8)
+    # no background sweep: the other tests' rows on this shared database are dated by frozen
+    # clocks in the past, and a sweep on the real clock would expire them mid-test
+    settings = Settings(
+        database_url=database_url,
+        grpc_port=0,
+        metrics_port=-1,
+        db_pool_size=8,
+        reservation_sweep_seconds=24 * 3600,
+    )
     server = await create_server(settings)
     await server.start()
     try:
