@@ -99,11 +99,10 @@ class Result:
     load_cpu_ms_per_call: float = 0.0
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU used so far by every PostgreSQL process on this machine (backends, WAL writer,
-    checkpointer; the bench's database is the only busy one)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+def postgres_cpu_ticks() -> dict[int, int]:
+    """CPU ticks used so far by each PostgreSQL process on this machine (backends, WAL
+    writer, checkpointer; the bench's database is the only busy one)."""
+    found = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -114,8 +113,16 @@ def postgres_cpu_seconds() -> float:
         name, rest = stat[stat.index("(") + 1 :].rsplit(")", 1)
         if name.startswith("postgres"):
             fields = rest.split()
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
+            found[int(pid)] = int(fields[11]) + int(fields[12])
+    return found
+
+
+def postgres_cpu_since(before: dict[int, int]) -> float:
+    """Seconds of CPU the PostgreSQL processes used since `before`, process by process (one
+    that exited meanwhile takes its CPU along: a slight undercount, never a negative)."""
+    now = postgres_cpu_ticks()
+    ticks = sum(t - before.get(pid, 0) for pid, t in now.items())
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu_seconds() -> float:
@@ -177,7 +184,7 @@ def start_reference(kind: str, database_url: str) -> Server:
 def drive(server: Server, scenario: str, in_flight: int, cfg: Config) -> Result:
     tenants = {"hot": "hot", "10k-uniform": "uniform", "zipf": "zipf", "history": "hot"}
     resource = "tokens" if tenants[scenario] == "hot" else "messages"
-    cpu0, db0, load0 = server.cpu_seconds(), postgres_cpu_seconds(), _children_cpu_seconds()
+    cpu0, db0, load0 = server.cpu_seconds(), postgres_cpu_ticks(), _children_cpu_seconds()
     out = subprocess.run(
         [sys.executable, "-m", "bench.load", "--target", server.target,
          "--in-flight", str(in_flight), "--seconds", str(cfg.seconds),
@@ -186,7 +193,7 @@ def drive(server: Server, scenario: str, in_flight: int, cfg: Config) -> Result:
         cwd=ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
     cpu = server.cpu_seconds() - cpu0
-    db, load = postgres_cpu_seconds() - db0, _children_cpu_seconds() - load0
+    db, load = postgres_cpu_since(db0), _children_cpu_seconds() - load0
     data = json.loads(out.stdout)
     total_calls = max(1, data["calls"]) * (cfg.seconds + cfg.warmup) / cfg.seconds
     return Result(

@@ -40,6 +40,7 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
     # sidecar, the load processes for everyone
     sidecar = [r for r in report["results"] if r["server"] == "sidecar"]
     assert sum(r["db_cpu_ms_per_call"] for r in sidecar) > 0
+    assert all(r["db_cpu_ms_per_call"] >= 0 for r in report["results"])
     assert all(r["load_cpu_ms_per_call"] > 0 for r in report["results"])
     assert report["meta"]["rounds"] == 2
     assert all(len(r["extra"]["calls_per_s_by_round"]) == 2 for r in report["results"])
