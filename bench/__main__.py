@@ -63,9 +63,7 @@ class Server:
     cpu_start: float = 0.0
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return _cpu_ticks(self.process.pid)[1] / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -99,21 +97,25 @@ class Result:
     load_cpu_ms_per_call: float = 0.0
 
 
+def _cpu_ticks(pid: int) -> tuple[str, int]:
+    """A process's name and the CPU ticks (user + system) it has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    name, rest = stat[stat.index("(") + 1 :].rsplit(")", 1)
+    fields = rest.split()
+    return name, int(fields[11]) + int(fields[12])
+
+
 def postgres_cpu_ticks() -> dict[int, int]:
     """CPU ticks used so far by each PostgreSQL process on this machine (backends, WAL
     writer, checkpointer; the bench's database is the only busy one)."""
     found = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            name, ticks = _cpu_ticks(int(pid))
         except OSError:  # gone meanwhile
             continue
-        name, rest = stat[stat.index("(") + 1 :].rsplit(")", 1)
         if name.startswith("postgres"):
-            fields = rest.split()
-            found[int(pid)] = int(fields[11]) + int(fields[12])
+            found[int(pid)] = ticks
     return found
 
 
