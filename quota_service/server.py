@@ -71,6 +71,7 @@ class QuotaServer:
     port: int
     coalescer: Coalescer | None = None
     batch_pool: AsyncConnectionPool[Any] | None = None  # the coalescing lanes' connections
+    metrics: Metrics | None = None
     metrics_port: int = 0
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _metrics_server: Any = None
@@ -121,12 +122,15 @@ class QuotaServer:
         while True:
             await asyncio.sleep(self.settings.reservation_sweep_seconds)
             try:
-                swept = await self.engine.sweep_expired()
-                if swept:
-                    log.info("reservations_expired", count=swept)
-                forgotten = await self.engine.sweep_expired_keys()
-                if forgotten:
-                    log.info("idempotency_keys_expired", count=forgotten)
+                for kind, sweep in (
+                    ("reservations", self.engine.sweep_expired),
+                    ("idempotency_keys", self.engine.sweep_expired_keys),
+                ):
+                    swept = await sweep()
+                    if swept:
+                        log.info("swept", kind=kind, count=swept)
+                        if self.metrics is not None:
+                            self.metrics.swept.labels(kind).inc(swept)
             except Exception as exc:  # the sweep must outlive a database outage
                 log.warning("sweep_failed", error=str(exc))
 
@@ -205,7 +209,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     else:
         port = server.add_insecure_port(address)
     return QuotaServer(
-        settings, server, pool, engine, health, registry, port, coalescer, batch_pool
+        settings, server, pool, engine, health, registry, port, coalescer, batch_pool, metrics
     )
 
 

@@ -43,6 +43,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
+        self.swept = Counter(
+            "quota_swept",
+            "Rows the background sweep cleared: expired reservations released, expired"
+            " idempotency keys deleted",
+            ["kind"],
+            registry=registry,
+        )
         # labelled children, looked up once per metric and label set rather than on every call
         self._children: dict[tuple[Any, ...], Any] = {}
 

@@ -310,12 +310,16 @@ async def test_the_running_sidecar_forgets_expired_idempotency_keys(server_url: 
                 "UPDATE idempotency_keys SET expires_at = now() - interval '1 second'"
                 " WHERE request_id = 'aged'"
             )
-        left: list[tuple[Any, ...]] = []
-        for _ in range(50):  # the sweep runs every second
+        swept: float | None = None
+        for _ in range(50):  # the sweep runs every second and counts what it deleted
             await asyncio.sleep(0.1)
-            left = await f.fetch(pool, "SELECT request_id FROM idempotency_keys")
-            if len(left) == 1:
+            swept = server.registry.get_sample_value(
+                "quota_swept_total", {"kind": "idempotency_keys"}
+            )
+            if swept:
                 break
+        assert swept == 1
+        left = await f.fetch(pool, "SELECT request_id FROM idempotency_keys")
         assert left == [("kept",)]
     finally:
         await server.stop(grace=1)
