@@ -60,7 +60,6 @@ class Server:
     name: str
     process: subprocess.Popen[str]
     target: str
-    cpu_start: float = 0.0
 
     def cpu_seconds(self) -> float:
         return _cpu_ticks(self.process.pid)[1] / os.sysconf("SC_CLK_TCK")
