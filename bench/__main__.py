@@ -170,7 +170,18 @@ def start_sidecar(database_url: str, coalesce: bool) -> Server:
     return Server("sidecar" if coalesce else "sidecar (no coalescing)", proc, target)
 
 
-def start_reference(kind: str, database_url: str) -> Server:
+# the references by name in the tables: their kind in bench.servers
+REFERENCES = {
+    "echo": "echo",
+    "textbook": "textbook",
+    "floor (1 round trip)": "floor1",
+    "floor (2 round trips)": "floor2",
+}
+FLOORS = ("floor (1 round trip)", "floor (2 round trips)")
+
+
+def start_reference(name: str, database_url: str) -> Server:
+    kind = REFERENCES[name]
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.servers", kind, "--database-url", database_url],
         cwd=ROOT,
@@ -179,7 +190,7 @@ def start_reference(kind: str, database_url: str) -> Server:
     )
     assert proc.stdout is not None
     port = int(proc.stdout.readline())
-    return Server(kind, proc, f"127.0.0.1:{port}")
+    return Server(name, proc, f"127.0.0.1:{port}")
 
 
 def drive(server: Server, scenario: str, in_flight: int, cfg: Config) -> Result:
@@ -332,14 +343,18 @@ async def check_books(database_url: str, since: datetime) -> dict[str, int]:
     }
 
 
+def _point(results: list[Result], server: str, scenario: str, n: int) -> Result | None:
+    return next(
+        (r for r in results
+         if r.server == server and r.scenario == scenario and r.in_flight == n), None
+    )  # fmt: skip
+
+
 def _ratios(results: list[Result]) -> list[tuple[str, float | None, str, float, bool]]:
     """(measure, value, target text, bound, higher is better) from one round's results."""
 
     def get(server: str, scenario: str, n: int) -> Result | None:
-        return next(
-            (r for r in results
-             if r.server == server and r.scenario == scenario and r.in_flight == n), None
-        )  # fmt: skip
+        return _point(results, server, scenario, n)
 
     rows: list[tuple[str, float | None, str, float, bool]] = []
     for scen in ("hot", "10k-uniform"):
@@ -358,6 +373,36 @@ def _ratios(results: list[Result]) -> list[tuple[str, float | None, str, float, 
     h2, h0 = get("sidecar", "history", 64), get("sidecar", "hot", 64)
     v = h2.calls_per_s / h0.calls_per_s if h2 and h0 else None
     rows.append(("calls/s with history ÷ without", v, "≥ 0.9", 0.9, True))
+    return rows
+
+
+def _lone_call_ratios(results: list[Result]) -> list[tuple[str, float | None]]:
+    """What bounds the p50 target from below, from one round: each floor's and the
+    textbook's p50 against echo's, and the sidecar's against the two-round-trip floor's."""
+    p50 = {}
+    for server in ("echo", "textbook", "sidecar", *FLOORS):
+        found = _point(results, server, "hot", 1)
+        p50[server] = found.p50_ms if found else None
+
+    def ratio(a: str, b: str) -> float | None:
+        x, y = p50[a], p50[b]
+        return x / y if x is not None and y else None
+
+    rows = [(f"{r} p50 ÷ echo p50, 1 in flight", ratio(r, "echo")) for r in (*FLOORS, "textbook")]
+    rows.append((f"sidecar p50 ÷ {FLOORS[1]} p50, 1 in flight", ratio("sidecar", FLOORS[1])))
+    return rows
+
+
+def references(rounds: list[list[Result]]) -> list[dict[str, Any]]:
+    """The lone-call ratios (no targets) as medians of their per-round values."""
+    per_round = [_lone_call_ratios(results) for results in rounds]
+    rows = []
+    for i, (name, _) in enumerate(per_round[0]):
+        values = [v for r in per_round if (v := r[i][1]) is not None]
+        rows.append(
+            {"measure": name, "value": statistics.median(values) if values else None,
+             "rounds": values}
+        )  # fmt: skip
     return rows
 
 
@@ -419,7 +464,12 @@ def cpu_budget(results: list[Result]) -> list[str]:
     return lines
 
 
-def markdown(results: list[Result], rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def markdown(
+    results: list[Result],
+    rows: list[dict[str, Any]],
+    meta: dict[str, Any],
+    lone: list[dict[str, Any]],
+) -> str:
     lines = [
         f"Measured {meta['at']} on {meta['cpus']} CPUs, PostgreSQL: {meta['database']}; "
         f"{meta['rounds']} rounds of {meta['seconds']} s per point (figures: the median over "
@@ -434,6 +484,11 @@ def markdown(results: list[Result], rows: list[dict[str, Any]], meta: dict[str, 
         each = " / ".join(f"{v:.2f}" for v in row["rounds"]) or "—"
         met = "—" if row["value"] is None else ("yes" if row["met"] else "**no**")
         lines.append(f"| {row['measure']} | {value} | {each} | {row['target']} | {met} |")
+    lines += ["", "| what a lone call costs (no target) | value | per round |", "|---|---|---|"]
+    for row in lone:
+        value = "—" if row["value"] is None else f"{row['value']:.2f}"
+        each = " / ".join(f"{v:.2f}" for v in row["rounds"]) or "—"
+        lines.append(f"| {row['measure']} | {value} | {each} |")
     lines += [
         "",
         "| server | scenario | in flight | calls/s | p50 ms | p99 ms | p99.9 ms "
@@ -490,6 +545,7 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
         plan = [
             ("echo", ["hot", "10k-uniform"]),
             ("textbook", ["hot"]),
+            *((floor, ["hot"]) for floor in FLOORS),
             ("sidecar", ["hot", "10k-uniform", "zipf"]),
             ("sidecar (no coalescing)", ["hot"]),
         ]
@@ -504,6 +560,8 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
                 for n in cfg.in_flight:
                     if server_name != "sidecar" and n == 8:
                         continue  # the references at 1 and 64 are what the ratios use
+                    if server_name in FLOORS and n != 1:
+                        continue  # a floor bounds the latency of a lone call
                     points.append((server, scenario, n))
         vacuum(url)
         for i, results in enumerate(rounds):
@@ -543,11 +601,16 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
         "history_rows": cfg.history_rows,
         "correctness": correctness,
     }
-    rows = ratios(rounds)
+    rows, lone = ratios(rounds), references(rounds)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"meta": meta, "targets": rows, "results": [r.__dict__ for r in results]}
+    report = {
+        "meta": meta,
+        "targets": rows,
+        "lone_call": lone,
+        "results": [r.__dict__ for r in results],
+    }
     (out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(results, rows, meta)
+    table = markdown(results, rows, meta, lone)
     (out / "latest.md").write_text(table)
     chart(results, out / "latest.png")
     print()

@@ -1,7 +1,12 @@
-"""The two references the sidecar is measured against, each a real grpc.aio server in its own
-process: `echo` (same service and message sizes, a canned answer, no database) and
+"""The references the sidecar is measured against, each a real grpc.aio server in its own
+process: `echo` (same service and message sizes, a canned answer, no database),
 `textbook` (one transaction per call: SELECT … FOR UPDATE, UPDATE, INSERT — the
-straightforward implementation, kept here for comparison only).
+straightforward implementation, kept here for comparison only) and two floors, the least
+a durable call can cost the same stack at one call in flight: `floor1` writes one usage
+record and waits for its commit (one round trip: what any durable answer needs), `floor2`
+locks a counter, decides in Python, then updates it and writes the record (two round
+trips through the sidecar's own Wire: what any design that decides in the application on
+locked rows needs).
 
     python -m bench.servers echo --port 0
     python -m bench.servers textbook --port 0 --database-url postgresql://…
@@ -23,6 +28,7 @@ from quota.v1 import quota_service_pb2 as pb
 from quota.v1 import quota_service_pb2_grpc as pb_grpc
 
 from billing_core.db.pool import open_pool
+from billing_core.db.wire import BEGIN, COMMIT, Statement, Wire
 from billing_core.periods import tenant_zone, window_for
 from billing_core.resources import Period
 
@@ -140,6 +146,61 @@ class Textbook(_OnlyCheckAndConsume):
         return canned(used[0])
 
 
+_RECORD = (
+    "INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind, request_id,"
+    " occurred_at) VALUES (%(tenant)s, %(id)s, %(resource)s, %(amount)s::bigint, 'consume',"
+    " %(request)s, %(now)s::timestamptz)"
+)
+_LOCK_COUNTER = Statement("""
+    INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start)
+    VALUES (%(tenant)s, %(resource)s, 'daily', %(start)s::timestamptz)
+    ON CONFLICT (tenant_id, resource, period, window_start) DO UPDATE SET used = c.used
+    RETURNING used""")
+_WRITE = Statement(f"""
+    WITH counter AS (
+        UPDATE usage_counters SET used = used + %(amount)s::bigint
+        WHERE tenant_id = %(tenant)s AND resource = %(resource)s AND period = 'daily'
+          AND window_start = %(start)s::timestamptz
+    )
+    {_RECORD}""")
+
+
+class Floor(_OnlyCheckAndConsume):
+    """The least a durable call costs: one record (`round_trips=1`), or a counter locked,
+    checked in Python, then updated with the record (`round_trips=2`). Its own rows."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any], round_trips: int) -> None:
+        self.pool = pool
+        self.round_trips = round_trips
+
+    async def CheckAndConsume(
+        self, request: pb.CheckAndConsumeRequest, context: Any
+    ) -> pb.CheckAndConsumeResponse:
+        now = datetime.now(UTC)
+        values = {
+            "tenant": f"floor{self.round_trips}-{request.tenant_id}",
+            "id": "ur_" + secrets.token_hex(14),
+            "resource": request.resource,
+            "amount": request.amount,
+            "request": request.request_id,
+            "now": now.isoformat(),
+            "start": window_for(Period.DAILY, now, _UTC, now).start.isoformat(),
+        }
+        async with self.pool.connection() as conn:
+            if self.round_trips == 1:  # autocommit: the INSERT and its commit, one round trip
+                await conn.execute(_RECORD, values, prepare=True)
+                return canned(request.amount)
+            async with Wire.open(conn) as wire:
+                wire.send(BEGIN)
+                used = int(await wire.value(wire.send(_LOCK_COUNTER, values)) or b"0")
+                if used + request.amount > 10**15:
+                    raise RuntimeError("the floor scenario never runs out")
+                wire.send(_WRITE, values)
+                wire.send(COMMIT)
+                await wire.sync()
+        return canned(used + request.amount)
+
+
 async def serve(kind: str, port: int, database_url: str) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pool = None
@@ -147,7 +208,8 @@ async def serve(kind: str, port: int, database_url: str) -> None:
         pb_grpc.add_QuotaServiceServicer_to_server(Echo(), server)
     else:
         pool = await open_pool(database_url, 8)
-        pb_grpc.add_QuotaServiceServicer_to_server(Textbook(pool), server)
+        servicer = Textbook(pool) if kind == "textbook" else Floor(pool, int(kind[-1]))
+        pb_grpc.add_QuotaServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(bound, flush=True)
@@ -160,7 +222,7 @@ async def serve(kind: str, port: int, database_url: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["echo", "textbook"])
+    parser.add_argument("kind", choices=["echo", "textbook", "floor1", "floor2"])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--database-url", default="")
     args = parser.parse_args()

@@ -28,7 +28,17 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
     assert proc.returncode == 0, out.decode()[-4000:]
     report = json.loads((tmp_path / "latest.json").read_text())
     servers = {r["server"] for r in report["results"]}
-    assert servers == {"echo", "textbook", "sidecar", "sidecar (no coalescing)"}
+    assert servers == {
+        "echo",
+        "textbook",
+        "floor (1 round trip)",
+        "floor (2 round trips)",
+        "sidecar",
+        "sidecar (no coalescing)",
+    }
+    floors = [r for r in report["results"] if r["server"].startswith("floor")]
+    assert {r["in_flight"] for r in floors} == {1}
+    assert all(r["value"] is not None for r in report["lone_call"])
     assert {r["scenario"] for r in report["results"]} >= {"hot", "10k-uniform", "zipf", "history"}
     assert all(r["calls_per_s"] > 0 and r["errors"] == 0 for r in report["results"])
     assert report["meta"]["correctness"] == {
@@ -44,5 +54,7 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
     assert all(r["load_cpu_ms_per_call"] > 0 for r in report["results"])
     assert report["meta"]["rounds"] == 2
     assert all(len(r["extra"]["calls_per_s_by_round"]) == 2 for r in report["results"])
-    assert "| measure | value | per round | target | met |" in (tmp_path / "latest.md").read_text()
+    table = (tmp_path / "latest.md").read_text()
+    assert "| measure | value | per round | target | met |" in table
+    assert "| what a lone call costs (no target) | value | per round |" in table
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ round with a slow sidecar round."""
 
 from __future__ import annotations
 
-from bench.__main__ import Result, combine, cpu_budget, ratios
+from bench.__main__ import FLOORS, Result, combine, cpu_budget, ratios, references
 
 
 def point(server: str, scenario: str, n: int, calls: float, p50: float = 1.0) -> Result:
@@ -53,3 +53,24 @@ def test_the_cpu_budget_bounds_the_throughput_ratio() -> None:
     assert line.startswith("CPU per call at 64 in flight, hot: echo 0.500 ms (server 0.250,")
     assert "sidecar 1.000 ms (server 0.500, PostgreSQL 0.250, load 0.250)" in line
     assert line.endswith("at most 0.50 of its calls/s.")
+
+
+def test_the_lone_call_references_compare_p50s_round_by_round() -> None:
+    def lone(echo: float, floor1: float, floor2: float, sidecar: float) -> list[Result]:
+        return [
+            point("echo", "hot", 1, 1000, p50=echo),
+            point(FLOORS[0], "hot", 1, 500, p50=floor1),
+            point(FLOORS[1], "hot", 1, 400, p50=floor2),
+            point("sidecar", "hot", 1, 300, p50=sidecar),
+            point("sidecar", "hot", 64, 2000, p50=30.0),  # not a lone call: ignored
+        ]
+
+    rows = {
+        r["measure"]: r for r in references([lone(0.5, 1.0, 1.5, 3.0), lone(1.0, 1.5, 2.0, 3.0)])
+    }
+    assert rows["floor (1 round trip) p50 ÷ echo p50, 1 in flight"]["rounds"] == [2.0, 1.5]
+    assert rows["floor (2 round trips) p50 ÷ echo p50, 1 in flight"]["value"] == 2.5
+    sidecar = rows["sidecar p50 ÷ floor (2 round trips) p50, 1 in flight"]
+    assert sidecar["rounds"] == [2.0, 1.5] and sidecar["value"] == 1.75
+    textbook = rows["textbook p50 ÷ echo p50, 1 in flight"]  # not measured in these rounds
+    assert textbook["value"] is None and textbook["rounds"] == []
