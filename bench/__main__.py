@@ -1,5 +1,6 @@
 """`make bench`: the sidecar measured side by side with an echo server and the textbook
-implementation, in one run, on this machine; results as ratios.
+implementation, in one run, on this machine; results as ratios. Two floors (bench.servers)
+show at one call in flight what any durable call costs the same stack, without a target.
 
     python -m bench                 # the full run (several minutes, 5M historic records)
     python -m bench --smoke         # seconds; what the test suite runs so this cannot rot
