@@ -179,6 +179,8 @@ REFERENCES = {
     "floor (2 round trips)": "floor2",
 }
 FLOORS = ("floor (1 round trip)", "floor (2 round trips)")
+# the hot tenant's Reserve followed by the Commit of its reservation: one point is one pair
+RESERVE_COMMIT = "hot, reserve+commit"
 
 
 def start_reference(name: str, database_url: str) -> Server:
@@ -195,14 +197,16 @@ def start_reference(name: str, database_url: str) -> Server:
 
 
 def drive(server: Server, scenario: str, in_flight: int, cfg: Config) -> Result:
-    tenants = {"hot": "hot", "10k-uniform": "uniform", "zipf": "zipf", "history": "hot"}
+    tenants = {"hot": "hot", "10k-uniform": "uniform", "zipf": "zipf", "history": "hot",
+               RESERVE_COMMIT: "hot"}  # fmt: skip
     resource = "tokens" if tenants[scenario] == "hot" else "messages"
+    calls = "reserve-commit" if scenario == RESERVE_COMMIT else "check-and-consume"
     cpu0, db0, load0 = server.cpu_seconds(), postgres_cpu_ticks(), _children_cpu_seconds()
     out = subprocess.run(
         [sys.executable, "-m", "bench.load", "--target", server.target,
          "--in-flight", str(in_flight), "--seconds", str(cfg.seconds),
          "--warmup", str(cfg.warmup), "--tenants", tenants[scenario],
-         "--tenant-count", str(cfg.tenants), "--resource", resource],
+         "--tenant-count", str(cfg.tenants), "--resource", resource, "--calls", calls],
         cwd=ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
     cpu = server.cpu_seconds() - cpu0
@@ -547,7 +551,7 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
             ("echo", ["hot", "10k-uniform"]),
             ("textbook", ["hot"]),
             *((floor, ["hot"]) for floor in FLOORS),
-            ("sidecar", ["hot", "10k-uniform", "zipf"]),
+            ("sidecar", ["hot", "10k-uniform", "zipf", RESERVE_COMMIT]),
             ("sidecar (no coalescing)", ["hot"]),
         ]
         points: list[tuple[Server, str, int]] = []
@@ -563,6 +567,8 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
                         continue  # the references at 1 and 64 are what the ratios use
                     if server_name in FLOORS and n != 1:
                         continue  # a floor bounds the latency of a lone call
+                    if scenario == RESERVE_COMMIT and n == 8:
+                        continue
                     points.append((server, scenario, n))
         vacuum(url)
         for i, results in enumerate(rounds):

@@ -1,8 +1,10 @@
 """The load process: drives one server with the generated client, N calls in flight.
 
     python -m bench.load --target 127.0.0.1:50051 --in-flight 64 --seconds 5 \\
-        --tenants hot --resource tokens
-Prints one JSON object: calls, errors, calls_per_s, p50_ms, p99_ms, p999_ms."""
+        --tenants hot --resource tokens [--calls reserve-commit]
+Prints one JSON object: calls, errors, calls_per_s, p50_ms, p99_ms, p999_ms. With
+`--calls reserve-commit` a call is a Reserve followed by the Commit of its reservation
+(what an executor does around a model call whose size it learns afterwards), timed as one."""
 
 from __future__ import annotations
 
@@ -52,18 +54,32 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         async def one() -> None:
             nonlocal errors
             n = next(counter)
-            request = pb.CheckAndConsumeRequest(
-                tenant_id=tenants[n % len(tenants)],
-                resource=args.resource,
-                amount=1,
-                request_id=f"{prefix}-{n}",
-                tokens=tokens if args.resource == "tokens" else None,
-            )
+            tenant, request_id = tenants[n % len(tenants)], f"{prefix}-{n}"
+            priced = tokens if args.resource == "tokens" else None
             started = time.perf_counter()
             try:
-                reply = await stub.CheckAndConsume(request, timeout=10)
-                if not reply.allowed:
-                    errors += 1
+                if args.calls == "reserve-commit":
+                    held = await stub.Reserve(
+                        pb.ReserveRequest(tenant_id=tenant, resource=args.resource, amount=1,
+                                          request_id=request_id, tokens=priced, ttl_seconds=300),
+                        timeout=10,
+                    )  # fmt: skip
+                    if held.allowed:
+                        await stub.Commit(
+                            pb.CommitRequest(tenant_id=tenant, reservation_id=held.reservation_id,
+                                             amount=1, tokens=priced),
+                            timeout=10,
+                        )  # fmt: skip
+                    else:
+                        errors += 1
+                else:
+                    reply = await stub.CheckAndConsume(
+                        pb.CheckAndConsumeRequest(tenant_id=tenant, resource=args.resource,
+                                                  amount=1, request_id=request_id, tokens=priced),
+                        timeout=10,
+                    )  # fmt: skip
+                    if not reply.allowed:
+                        errors += 1
             except grpc.aio.AioRpcError:
                 errors += 1
             latencies.append((time.perf_counter() - started) * 1000)
@@ -100,6 +116,8 @@ def main() -> None:
     parser.add_argument("--tenant-count", type=int, default=10_000)
     parser.add_argument("--resource", default="tokens")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--calls", choices=["check-and-consume", "reserve-commit"],
+                        default="check-and-consume")  # fmt: skip
     print(json.dumps(asyncio.run(run(parser.parse_args()))))
 
 

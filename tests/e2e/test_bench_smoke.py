@@ -39,7 +39,13 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
     floors = [r for r in report["results"] if r["server"].startswith("floor")]
     assert {r["in_flight"] for r in floors} == {1}
     assert all(r["value"] is not None for r in report["lone_call"])
-    assert {r["scenario"] for r in report["results"]} >= {"hot", "10k-uniform", "zipf", "history"}
+    assert {r["scenario"] for r in report["results"]} == {
+        "hot",
+        "10k-uniform",
+        "zipf",
+        "history",
+        "hot, reserve+commit",
+    }
     assert all(r["calls_per_s"] > 0 and r["errors"] == 0 for r in report["results"])
     assert report["meta"]["correctness"] == {
         "windows_not_matching_records": 0,
