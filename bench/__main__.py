@@ -525,7 +525,10 @@ def chart(results: list[Result], path: Path) -> None:
     ax.bar(range(len(at64)), [r.calls_per_s for r in at64], color="#4c72b0")
     ax.set_xticks(range(len(at64)), labels, fontsize=7)
     ax.set_ylabel("calls/s (64 in flight)")
-    ax.set_title("CheckAndConsume throughput, same run, same machine")
+    ax.set_title(
+        "Throughput, same run, same machine (CheckAndConsume; a Reserve + Commit pair counts once)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
