@@ -358,7 +358,7 @@ def _point(results: list[Result], server: str, scenario: str, n: int) -> Result 
 def _ratios(results: list[Result]) -> list[tuple[str, float | None, str, float, bool]]:
     """(measure, value, target text, bound, higher is better) from one round's results."""
 
-    def get(server: str, scenario: str, n: int) -> Result | None:
+    def get(server: str, scenario: str, n: int) -> Result | None:  # a point of this round
         return _point(results, server, scenario, n)
 
     rows: list[tuple[str, float | None, str, float, bool]] = []
@@ -398,30 +398,30 @@ def _lone_call_ratios(results: list[Result]) -> list[tuple[str, float | None]]:
     return rows
 
 
+def _over_rounds(per_round: list[list[tuple[Any, ...]]]) -> list[dict[str, Any]]:
+    """Rows of (measure, value, …) from each round as one row each: the median of the
+    rounds' values, and the values."""
+    rows = []
+    for i, (name, *_) in enumerate(per_round[0]):
+        values = [v for r in per_round if (v := r[i][1]) is not None]
+        value = statistics.median(values) if values else None
+        rows.append({"measure": name, "value": value, "rounds": values})
+    return rows
+
+
 def references(rounds: list[list[Result]]) -> list[dict[str, Any]]:
     """The lone-call ratios (no targets) as medians of their per-round values."""
-    per_round = [_lone_call_ratios(results) for results in rounds]
-    rows = []
-    for i, (name, _) in enumerate(per_round[0]):
-        values = [v for r in per_round if (v := r[i][1]) is not None]
-        rows.append(
-            {"measure": name, "value": statistics.median(values) if values else None,
-             "rounds": values}
-        )  # fmt: skip
-    return rows
+    return _over_rounds([_lone_call_ratios(results) for results in rounds])
 
 
 def ratios(rounds: list[list[Result]]) -> list[dict[str, Any]]:
     """Each target as the median of its per-round values (the rounds are listed too)."""
     per_round = [_ratios(results) for results in rounds]
-    rows = []
-    for i, (name, _, target, bound, higher) in enumerate(per_round[0]):
-        values = [v for r in per_round if (v := r[i][1]) is not None]
-        value = statistics.median(values) if values else None
-        ok = value is not None and (value >= bound if higher else value <= bound)
-        rows.append(
-            {"measure": name, "value": value, "rounds": values, "target": target, "met": ok}
-        )
+    rows = _over_rounds(per_round)
+    for row, (_, _, target, bound, higher) in zip(rows, per_round[0], strict=True):
+        value = row["value"]
+        row["target"] = target
+        row["met"] = value is not None and (value >= bound if higher else value <= bound)
     return rows
 
 
@@ -469,6 +469,13 @@ def cpu_budget(results: list[Result]) -> list[str]:
     return lines
 
 
+def _cells(row: dict[str, Any]) -> str:
+    """A row's measure, value and per-round values as table cells."""
+    value = "—" if row["value"] is None else f"{row['value']:.2f}"
+    each = " / ".join(f"{v:.2f}" for v in row["rounds"]) or "—"
+    return f"{row['measure']} | {value} | {each}"
+
+
 def markdown(
     results: list[Result],
     rows: list[dict[str, Any]],
@@ -485,15 +492,10 @@ def markdown(
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        value = "—" if row["value"] is None else f"{row['value']:.2f}"
-        each = " / ".join(f"{v:.2f}" for v in row["rounds"]) or "—"
         met = "—" if row["value"] is None else ("yes" if row["met"] else "**no**")
-        lines.append(f"| {row['measure']} | {value} | {each} | {row['target']} | {met} |")
+        lines.append(f"| {_cells(row)} | {row['target']} | {met} |")
     lines += ["", "| what a lone call costs (no target) | value | per round |", "|---|---|---|"]
-    for row in lone:
-        value = "—" if row["value"] is None else f"{row['value']:.2f}"
-        each = " / ".join(f"{v:.2f}" for v in row["rounds"]) or "—"
-        lines.append(f"| {row['measure']} | {value} | {each} |")
+    lines += [f"| {_cells(row)} |" for row in lone]
     lines += [
         "",
         "| server | scenario | in flight | calls/s | p50 ms | p99 ms | p99.9 ms "
