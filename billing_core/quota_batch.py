@@ -1,4 +1,4 @@
-"""CheckAndConsume for a batch of requests, decided set-based in one transaction.
+"""CheckAndConsume and Reserve for a batch of requests, decided set-based in one transaction.
 
 A handful of statements serve the whole batch, whatever its size, in two round trips:
 
@@ -11,10 +11,13 @@ A handful of statements serve the whole batch, whatever its size, in two round t
    correctness;
 2. the requests are decided in memory, in arrival order, each seeing the ones before it —
    exactly the decisions one-by-one calls would make (tests/integration/test_coalescing.py
-   runs random workloads both ways and compares answers and books);
-3. one statement writes counters, usage records, grant debits, ledger entries, wallets,
-   notifications and idempotency keys set-based; the caller sends it with the upgrade-offer
-   reads for denials and its COMMIT in one round trip (db/wire.py).
+   runs random workloads both ways and compares answers and books). A Reserve is decided
+   as CheckAndConsume is; it differs in what it writes: its amount goes to the counters'
+   `reserved` instead of `used`, a reservation instead of a usage record, and what it may
+   cost is held on the wallet (held_micros) instead of debited from its grants;
+3. one statement writes counters, usage records, reservations, grant debits, ledger
+   entries, wallets, notifications and idempotency keys set-based; the caller sends it
+   with the upgrade-offer reads for denials and its COMMIT in one round trip (db/wire.py).
 
 Tenants with lazily expiring state (an expired reservation to release, a grant to expire)
 are left to the one-by-one path, in the same transaction. When another transaction took
@@ -44,7 +47,6 @@ from billing_core.usage import ConsumeRequest, Decision
 from billing_core.wallet import LiveGrant, allocate_debit
 
 NO_LIMIT = 1 << 62
-OPERATION = "consume"
 
 
 @dataclass(slots=True)
@@ -272,7 +274,7 @@ def _decide_one(
     """One request, as QuotaEngine._admit decides it, against the batch's state so far."""
     fingerprint = ""
     if not req.dry_run:
-        fingerprint = req.fingerprint(OPERATION)
+        fingerprint = req.admission_fingerprint()
         prior = state.taken.get(req.request_id)
         if prior is not None:
             operation, request_hash, response = prior
@@ -303,22 +305,20 @@ def _decide_one(
     if req.dry_run:
         return decisions.allowed(state.context(), quotas, windows, counts, req, cost)
     charge = verdict.charge_micros
+    ttl = req.hold_seconds
     if charge:
         assert state.wallet is not None  # decide() let the wallet pay, so it was locked
-        balance = state.wallet[0] - charge
+        balance = state.wallet[0] - (charge if ttl is None else 0)  # a hold debits nothing
     else:
         balance = state.live_micros()
-    record_id = new_id("ur", now)
     decision = decisions.allowed(
-        ctx,
-        quotas,
-        windows,
-        counts,
-        req,
-        cost,
-        wallet_balance_micros=balance,
-        usage_record_id=record_id,
+        ctx, quotas, windows, counts, req, cost, wallet_balance_micros=balance
     )
+    if ttl is None:
+        decision = replace(decision, usage_record_id=new_id("ur", now))
+    else:
+        expires_at = now + timedelta(seconds=ttl)
+        decision = replace(decision, reservation_id=new_id("rsv", now), expires_at=expires_at)
     _apply(state, req, quotas, windows, cost, charge, decision, fingerprint, now, writes)
     return decision
 
@@ -339,29 +339,52 @@ def _apply(
     tenant_id = req.tenant_id
     for note in decisions.thresholds(quotas, windows, state.counts, req.resource, req.amount):
         writes.notes.append((tenant_id, *note))
-    for w in windows:  # the writes' deltas are these counts less the locked ones (decide_batch)
-        decisions.add_delta(state.counts, (req.resource, w.period, w.start), req.amount, 0)
-    record_id = decision.usage_record_id
-    writes.records.append(
-        (tenant_id, decisions.consume_record(req, record_id, state.ctx.plan_id, cost, charge, now))
-    )
-    if charge:
-        assert state.wallet is not None
-        taken = allocate_debit(state.grants, charge)
-        left = dict(taken)
-        state.grants = [
-            LiveGrant(g.grant_id, g.remaining_micros - left[g.grant_id], g.expires_at)
-            if g.grant_id in left
-            else g
-            for g in state.grants
-        ]
-        writes.debits += [(tenant_id, g, m) for g, m in taken]
-        writes.ledger += [(tenant_id, g, "debit", -m, record_id, "usage") for g, m in taken]
-        state.wallet = writes.wallets[tenant_id] = (decision.wallet_balance_micros, state.wallet[1])
-        state.spent += charge
+    held = req.hold_seconds is not None
+    used, reserved = (0, req.amount) if held else (req.amount, 0)
+    keys = [(req.resource, w.period, w.start) for w in windows]
+    for key in keys:  # the writes' deltas are these counts less the locked ones (decide_batch)
+        decisions.add_delta(state.counts, key, used, reserved)
+    if held:  # a reservation, and a hold on the wallet for what it may cost
+        assert decision.expires_at is not None
+        writes.reservations.append(
+            bs.NewReservation(
+                tenant_id,
+                decision.reservation_id,
+                req.request_id,
+                req.resource,
+                req.amount,
+                keys,
+                charge,
+                req.labels,
+                decision.expires_at,
+            )
+        )
+        if charge:
+            assert state.wallet is not None
+            balance, on_hold = state.wallet
+            state.wallet = writes.wallets[tenant_id] = (balance, on_hold + charge)
+    else:  # a usage record, and a debit of the grants, soonest-expiring first
+        record_id = decision.usage_record_id
+        record = decisions.consume_record(req, record_id, state.ctx.plan_id, cost, charge, now)
+        writes.records.append((tenant_id, record))
+        if charge:
+            assert state.wallet is not None
+            taken = allocate_debit(state.grants, charge)
+            left = dict(taken)
+            state.grants = [
+                LiveGrant(g.grant_id, g.remaining_micros - left[g.grant_id], g.expires_at)
+                if g.grant_id in left
+                else g
+                for g in state.grants
+            ]
+            writes.debits += [(tenant_id, g, m) for g, m in taken]
+            writes.ledger += [(tenant_id, g, "debit", -m, record_id, "usage") for g, m in taken]
+            balance = decision.wallet_balance_micros
+            state.wallet = writes.wallets[tenant_id] = (balance, state.wallet[1])
+            state.spent += charge
     response = decision.to_json()
-    state.taken[req.request_id] = (OPERATION, fingerprint, response)
-    writes.claims.append((tenant_id, req.request_id, OPERATION, fingerprint, response))
+    state.taken[req.request_id] = (req.OPERATION, fingerprint, response)
+    writes.claims.append((tenant_id, req.request_id, req.OPERATION, fingerprint, response))
 
 
 def _current_plan(result: Decision | QuotaError) -> str | None:

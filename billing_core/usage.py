@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from billing_core.errors import InvalidRequest
 from billing_core.limits import Reason, WindowState
@@ -84,6 +84,18 @@ class ConsumeRequest:
         if self.tokens is not None:
             self.tokens.validate()
 
+    # an admission: CheckAndConsume uses the amount at once, Reserve holds it for a while
+    OPERATION: ClassVar[str] = "consume"
+
+    @property
+    def hold_seconds(self) -> int | None:
+        """How long an admitted request holds its amount (None: it is used at once)."""
+        return None
+
+    def admission_fingerprint(self) -> str:
+        """The fingerprint stored with the request_id of this admission."""
+        return self.fingerprint(self.OPERATION)
+
     def fingerprint(self, operation: str, extra: Mapping[str, Any] = _EMPTY) -> str:
         """What must match for a retry with the same request_id to be the same request: the
         SHA-256 of the request's canonical JSON (sorted keys, json.dumps' separators and
@@ -121,6 +133,14 @@ class ConsumeRequest:
 @dataclass(frozen=True, slots=True)
 class ReserveRequest(ConsumeRequest):
     ttl_seconds: int = DEFAULT_TTL_SECONDS
+    OPERATION: ClassVar[str] = "reserve"
+
+    @property
+    def hold_seconds(self) -> int | None:
+        return self.ttl_seconds
+
+    def admission_fingerprint(self) -> str:
+        return self.fingerprint(self.OPERATION, {"ttl": self.ttl_seconds})
 
     def validate(self) -> None:
         ConsumeRequest.validate(self)

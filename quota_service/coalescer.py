@@ -1,9 +1,10 @@
-"""Request coalescing for CheckAndConsume: concurrent requests share one transaction.
+"""Request coalescing for CheckAndConsume and Reserve: concurrent requests share one
+transaction.
 
 Requests go to a lane chosen by tenant, so one tenant's requests are always decided in
 arrival order by the same lane. A lane takes whatever has queued up while its previous
 batch ran and decides the batch set-based in one transaction with one commit
-(QuotaEngine.consume_batch). A request that arrives at an idle lane whose previous batch
+(QuotaEngine.admit_batch). A request that arrives at an idle lane whose previous batch
 was a single request is decided at once, never held back for company; under load (the
 previous batch had company) the lane first waits — at most `gather_s` — until as many
 requests have queued as last time, so batches do not shrink just because the database
@@ -66,9 +67,10 @@ class Coalescer:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
 
-    async def consume(self, req: ConsumeRequest) -> Decision:
+    async def admit(self, req: ConsumeRequest) -> Decision:
+        """Decide a CheckAndConsume, or a Reserve (a ReserveRequest), with its lane's batch."""
         if not self._lanes:
-            return await self.engine.consume(req)
+            return await self.engine.admit(req)
         lane = self._lanes[zlib.crc32(req.tenant_id.encode()) % len(self._lanes)]
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         lane.queue.put_nowait((req, future))
@@ -108,7 +110,7 @@ class Coalescer:
             if self.on_batch is not None:
                 self.on_batch(len(live))
             try:
-                results = await self.engine.consume_batch([req for req, _ in live])
+                results = await self.engine.admit_batch([req for req, _ in live])
             except Exception as exc:  # never leave a caller waiting
                 for _, fut in live:
                     if not fut.done():

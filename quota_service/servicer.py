@@ -39,7 +39,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "quota_coalesced_batch_size",
-            "CheckAndConsume requests decided together in one transaction",
+            "CheckAndConsume and Reserve requests decided together in one transaction",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
@@ -72,7 +72,8 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         self, engine: QuotaEngine, metrics: Metrics, coalescer: Coalescer | None = None
     ) -> None:
         self._engine = engine
-        self._consume = coalescer.consume if coalescer is not None else engine.consume
+        # CheckAndConsume and Reserve: with their lane's batch, or one by one
+        self._admit = coalescer.admit if coalescer is not None else engine.admit
         self._metrics = metrics
 
     async def _call(
@@ -101,7 +102,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[pb.CheckAndConsumeRequest, pb.CheckAndConsumeResponse],
     ) -> pb.CheckAndConsumeResponse:
         async def work() -> pb.CheckAndConsumeResponse:
-            decision = await self._consume(convert.consume_request(request))
+            decision = await self._admit(convert.consume_request(request))
             self._metrics.decided("CheckAndConsume", decision.reason.value, request.resource)
             return convert.consume_response(decision)
 
@@ -113,7 +114,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[pb.ReserveRequest, pb.ReserveResponse],
     ) -> pb.ReserveResponse:
         async def work() -> pb.ReserveResponse:
-            decision = await self._engine.reserve(convert.reserve_request(request))
+            decision = await self._admit(convert.reserve_request(request))
             self._metrics.decided("Reserve", decision.reason.value, request.resource)
             return convert.reserve_response(decision)
 

@@ -10,7 +10,7 @@ grants), by tenant first.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -24,6 +24,7 @@ from billing_core.db.quota_store import (
     CONTEXT_SQL,
     CONTEXT_TIMESTAMPS,
     PLAN_OFFERS_SQL,
+    CounterKey,
     PlanOffer,
     TenantContext,
     UsageRecordRow,
@@ -165,6 +166,12 @@ def _record_json(tenant_id: str, r: UsageRecordRow) -> list[Any]:
             r.cost_micros, r.wallet_charged_micros, r.over_limit, dict(r.labels)]  # fmt: skip
 
 
+def _reservation_json(r: NewReservation) -> list[Any]:
+    windows = [{"period": p.value, "window_start": start.isoformat()} for _, p, start in r.windows]
+    return [r.tenant_id, r.reservation_id, r.request_id, r.resource, r.amount, windows,
+            r.held_micros, dict(r.labels), r.expires_at.isoformat()]  # fmt: skip
+
+
 def _order(key: TenantKey) -> tuple[str, str, int, datetime]:
     return key[0], key[1], PERIOD_ORDER[key[2]], key[3]
 
@@ -255,6 +262,21 @@ def send_locks(
 # --- writes ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class NewReservation:
+    """A reservation a batch creates (what quota_store.insert_reservation writes)."""
+
+    tenant_id: str
+    reservation_id: str
+    request_id: str
+    resource: str
+    amount: int
+    windows: Sequence[CounterKey]  # the counter windows its amount went to
+    held_micros: int
+    labels: Mapping[str, str]
+    expires_at: datetime
+
+
 @dataclass(slots=True)
 class BatchWrites:
     """Everything a batch writes, applied by one statement (send_writes)."""
@@ -262,6 +284,7 @@ class BatchWrites:
     deltas: dict[TenantKey, tuple[int, int]] = field(default_factory=dict)
     dropped: list[TenantKey] = field(default_factory=list)  # created, then nothing used them
     records: list[tuple[str, UsageRecordRow]] = field(default_factory=list)
+    reservations: list[NewReservation] = field(default_factory=list)
     debits: list[tuple[str, str, int]] = field(default_factory=list)  # tenant, grant, micros
     # tenant, grant, kind, delta_micros, usage_record_id, reason — in order
     ledger: list[tuple[str, str, str, int, str | None, str]] = field(default_factory=list)
@@ -305,6 +328,14 @@ _WRITE_PARTS = {
            (e->>10)::bigint, (e->>11)::bigint, (e->>12)::bigint, (e->>13)::bigint,
            (e->>14)::bool, e->15, %(now)s::timestamptz
     FROM jsonb_array_elements(%(records)s::jsonb) WITH ORDINALITY AS u(e, n)
+    ORDER BY n
+""",
+    "reservations": """
+    INSERT INTO reservations (tenant_id, reservation_id, request_id, resource, amount,
+        windows, held_micros, labels, expires_at, created_at)
+    SELECT e->>0, e->>1, e->>2, e->>3, (e->>4)::bigint, e->5, (e->>6)::bigint, e->7,
+           (e->>8)::timestamptz, %(now)s::timestamptz
+    FROM jsonb_array_elements(%(reservations)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
 """,
     "grants": """
@@ -381,6 +412,9 @@ def send_writes(wire: Wire, w: BatchWrites, now: datetime, expires_at: datetime)
     if w.records:
         parts.append("records")
         values["records"] = _json([_record_json(t, r) for t, r in w.records])
+    if w.reservations:
+        parts.append("reservations")
+        values["reservations"] = _json([_reservation_json(r) for r in w.reservations])
     if debits:
         parts.append("grants")
         values["debits"] = _json([[t, g, m] for (t, g), m in sorted(debits.items())])

@@ -162,7 +162,7 @@ async def _batches(engine: QuotaEngine, rng: random.Random, count: int, tenants:
             else:
                 tokens = TokenUsage("p", "m", 30, 0)
                 reqs.append(ConsumeRequest(tenant, "tokens", 30, request_id, False, tokens))
-        answers += await engine.consume_batch(reqs)
+        answers += await engine.admit_batch(reqs)
     assert answers and all(isinstance(a, Decision) and a.allowed for a in answers)
 
 
@@ -214,7 +214,7 @@ async def test_a_busy_tenant_costs_a_batch_no_more_index_reads_than_a_quiet_one(
                     tenant = "g-1" if i % 2 == 0 else f"g-{rng.randint(2, TENANTS)}"
                     reqs.append(ConsumeRequest(tenant, "messages", 1, f"q{batch}-{i}"))
                 requests += len(reqs)
-                answers = await engine.consume_batch(reqs)
+                answers = await engine.admit_batch(reqs)
                 assert all(isinstance(a, Decision) and a.allowed for a in answers), answers
         finally:
             await pool.close()

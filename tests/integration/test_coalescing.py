@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -38,6 +38,7 @@ def outcome(result: Decision | QuotaError) -> Any:
         return (type(result).__name__, result.message)
     data = result.to_json()
     data.pop("usage_record_id", None)
+    data.pop("reservation_id", None)
     return repr(sorted(data.items()))
 
 
@@ -82,7 +83,10 @@ async def books(pool: Pool, tenant: str) -> Any:
         tenant,
     )
     reservations = await f.fetch(
-        pool, "SELECT request_id, status FROM reservations WHERE tenant_id = %s", tenant
+        pool,
+        "SELECT request_id, resource, amount, windows, held_micros, status, labels, expires_at,"
+        " created_at FROM reservations WHERE tenant_id = %s ORDER BY request_id, status",
+        tenant,
     )
     return counters, records, wallet, grants, ledger, notes, keys, reservations
 
@@ -96,11 +100,28 @@ requests = st.lists(
         st.integers(0, 12),  # request id: small range → retries of earlier ids
         st.booleans(),  # dry run
         st.integers(0, 9),  # 0: a model without a price
+        st.sampled_from([False, False, True]),  # a Reserve rather than a CheckAndConsume
     ),
     min_size=1,
     max_size=60,
 )
-Item = tuple[int, str, int, int, bool, int]
+Item = tuple[int, str, int, int, bool, int, bool]
+# Reserves among CheckAndConsumes on one tenant, in one batch: a hold within the daily
+# window, a charge, a hold the wallet pays for, its replay and its reuse, a reservation of
+# another resource, a denial without credits, a dry run, a charge after the holds, and a
+# tenant left to the one-by-one path
+RESERVES: list[Item] = [
+    (0, "tokens", 20, 1, False, 1, True),
+    (0, "tokens", 20, 2, False, 1, False),
+    (0, "tokens", 15, 3, False, 1, True),
+    (0, "tokens", 15, 3, False, 1, True),
+    (0, "tokens", 16, 3, False, 1, True),
+    (0, "messages", 5, 4, False, 1, True),
+    (1, "tokens", 40, 5, False, 1, True),
+    (0, "tokens", 40, 6, True, 1, True),
+    (0, "tokens", 10, 7, False, 1, False),
+    (3, "messages", 3, 8, False, 1, True),
+]
 
 
 @settings(
@@ -109,6 +130,7 @@ Item = tuple[int, str, int, int, bool, int]
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(workload=requests, cuts=st.lists(st.integers(1, 20), min_size=1, max_size=10))
+@example(workload=RESERVES, cuts=[len(RESERVES)])
 async def test_batches_decide_exactly_like_one_by_one(
     pool: Pool, workload: list[Item], cuts: list[int]
 ) -> None:
@@ -147,10 +169,14 @@ async def test_batches_decide_exactly_like_one_by_one(
         await earlier.reserve(ReserveRequest(reserved, "messages", 5, "held", ttl_seconds=60))
 
     def make(side: str, item: Item) -> ConsumeRequest:
-        who, resource, amount, rid, dry, model = item
+        who, resource, amount, rid, dry, model, reserve = item
         tokens = None
         if resource == "tokens":
             tokens = TokenUsage("p", MODEL if model else "unpriced", amount * 2, 0)
+        if reserve:
+            return ReserveRequest(
+                names[side][who], resource, amount, f"r{rid}", dry, tokens, ttl_seconds=60
+            )
         return ConsumeRequest(
             names[side][who], resource, amount, f"r{rid}", dry_run=dry, tokens=tokens
         )
@@ -158,7 +184,7 @@ async def test_batches_decide_exactly_like_one_by_one(
     sequential: list[Decision | QuotaError] = []
     for item in workload:
         try:
-            sequential.append(await engine.consume(make("one", item)))
+            sequential.append(await engine.admit(make("one", item)))
         except QuotaError as exc:
             sequential.append(exc)
     batched: list[Decision | QuotaError] = []
@@ -166,10 +192,10 @@ async def test_batches_decide_exactly_like_one_by_one(
     for cut in cuts * 10:
         if not rest:
             break
-        batched += await engine.consume_batch(rest[:cut])
+        batched += await engine.admit_batch(rest[:cut])
         rest = rest[cut:]
     if rest:
-        batched += await engine.consume_batch(rest)
+        batched += await engine.admit_batch(rest)
     assert [outcome(r) for r in batched] == [outcome(r) for r in sequential]
     for one, many in zip(names["one"], names["many"], strict=True):
         assert await books(pool, many) == await books(pool, one)
@@ -228,7 +254,7 @@ async def test_a_twin_committed_meanwhile_is_replayed_not_counted_twice(
             (t, twin.fingerprint("consume"), Jsonb(answer.to_json()), START,
              START + timedelta(hours=1)),
         )  # fmt: skip
-        batch = asyncio.create_task(engine.consume_batch([other, twin]))
+        batch = asyncio.create_task(engine.admit_batch([other, twin]))
         await asyncio.sleep(0.3)
         assert not batch.done()  # waiting on the uncommitted twin's key
     first, second = await batch
@@ -258,7 +284,7 @@ async def test_a_failing_batch_is_decided_one_by_one(
     engine = QuotaEngine(pool, FrozenClock(START), QuotaRules())
     plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 2)])
     t = await f.tenant(pool, START, f"broken-{uid}", plan)
-    results = await engine.consume_batch(
+    results = await engine.admit_batch(
         [ConsumeRequest(t, "tool_calls", 1, f"b{i}") for i in range(3)]
         + [ConsumeRequest(f"ghost-{uid}", "tool_calls", 1, "g")]
     )
@@ -292,11 +318,11 @@ async def test_a_changed_plan_is_enforced_by_the_very_next_batch(
         raise AssertionError("the batch path failed and fell back to one by one")
 
     monkeypatch.setattr(engine, "consume", no_fallback)
-    [probe] = await engine.consume_batch([ask(3, "probe", dry_run=True)])
+    [probe] = await engine.admit_batch([ask(3, "probe", dry_run=True)])
     assert isinstance(probe, Decision) and probe.allowed  # the engine now knows: daily
     async with pool.connection() as conn:
         await catalog.assign_plan(conn, t, weekly, START)
-    first, second = await engine.consume_batch([ask(3, "a"), ask(2, "b")])
+    first, second = await engine.admit_batch([ask(3, "a"), ask(2, "b")])
     assert isinstance(first, Decision) and first.allowed
     assert [w.period.value for w in first.windows] == ["weekly"]
     # 5 > 4 a week: the wallet pays for the one token over (the daily plan had no wallet)
@@ -324,7 +350,7 @@ async def test_a_batch_after_psycopg_deallocated_its_statements_is_retried(
         plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 10)])
         t = await f.tenant(pool, START, f"dealloc-{uid}", plan)
         for i in range(3):
-            [result] = await engine.consume_batch([ConsumeRequest(t, "tool_calls", 1, f"d{i}")])
+            [result] = await engine.admit_batch([ConsumeRequest(t, "tool_calls", 1, f"d{i}")])
             assert isinstance(result, Decision) and result.allowed
             async with lane.connection() as conn:
                 await conn.execute("DEALLOCATE ALL")

@@ -19,7 +19,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
 
-    async def consume_batch(self, reqs: Sequence[ConsumeRequest]) -> list[Decision | QuotaError]:
+    async def admit_batch(self, reqs: Sequence[ConsumeRequest]) -> list[Decision | QuotaError]:
         self.batches.append([r.request_id for r in reqs])
         await asyncio.sleep(0)  # a database round trip, in spirit
         return [Decision(True, Reason.ALLOWED, ()) for _ in reqs]
@@ -41,7 +41,7 @@ async def test_a_request_at_an_idle_lane_is_decided_alone_and_at_once() -> None:
     try:
         for request_id in ("a", "b"):
             # the safety net only: a lone request must never wait for the hour-long bound
-            assert (await asyncio.wait_for(coalescer.consume(_req(request_id)), 60)).allowed
+            assert (await asyncio.wait_for(coalescer.admit(_req(request_id)), 60)).allowed
     finally:
         await coalescer.stop()
     assert recorder.batches == [["a"], ["b"]]
@@ -50,13 +50,13 @@ async def test_a_request_at_an_idle_lane_is_decided_alone_and_at_once() -> None:
 async def test_under_load_a_batch_waits_for_as_many_requests_as_last_time() -> None:
     coalescer, recorder = await _started(gather_s=3600)  # woken by the count, not the bound
     try:
-        await asyncio.gather(*(coalescer.consume(_req(f"first-{i}")) for i in range(3)))
+        await asyncio.gather(*(coalescer.admit(_req(f"first-{i}")) for i in range(3)))
         # one request now, two more a few loop turns later: one batch of three
-        lone = asyncio.ensure_future(coalescer.consume(_req("x")))
+        lone = asyncio.ensure_future(coalescer.admit(_req("x")))
         for _ in range(5):
             await asyncio.sleep(0)
         assert not lone.done()  # waiting for company
-        rest = [asyncio.ensure_future(coalescer.consume(_req(f"y{i}"))) for i in range(2)]
+        rest = [asyncio.ensure_future(coalescer.admit(_req(f"y{i}"))) for i in range(2)]
         await asyncio.wait_for(asyncio.gather(lone, *rest), 60)  # safety net only
     finally:
         await coalescer.stop()
@@ -66,9 +66,9 @@ async def test_under_load_a_batch_waits_for_as_many_requests_as_last_time() -> N
 async def test_the_wait_for_company_is_bounded() -> None:
     coalescer, recorder = await _started(gather_s=0.01)
     try:
-        await asyncio.gather(*(coalescer.consume(_req(f"first-{i}")) for i in range(3)))
-        assert (await coalescer.consume(_req("alone"))).allowed  # nobody comes: it goes
-        assert (await coalescer.consume(_req("next"))).allowed  # and the lane is idle again
+        await asyncio.gather(*(coalescer.admit(_req(f"first-{i}")) for i in range(3)))
+        assert (await coalescer.admit(_req("alone"))).allowed  # nobody comes: it goes
+        assert (await coalescer.admit(_req("next"))).allowed  # and the lane is idle again
     finally:
         await coalescer.stop()
     assert recorder.batches[1:] == [["alone"], ["next"]]
@@ -77,14 +77,14 @@ async def test_the_wait_for_company_is_bounded() -> None:
 async def test_a_backlog_as_big_as_the_last_batch_grows_the_next_one() -> None:
     coalescer, recorder = await _started(gather_s=3600)  # woken by the count, not the bound
     try:
-        await asyncio.gather(*(coalescer.consume(_req(f"first-{i}")) for i in range(3)))
+        await asyncio.gather(*(coalescer.admit(_req(f"first-{i}")) for i in range(3)))
         # three queue up at once, as many as the last batch: the load outgrows batches of
         # three, so the lane waits for six
-        early = [asyncio.ensure_future(coalescer.consume(_req(f"a{i}"))) for i in range(3)]
+        early = [asyncio.ensure_future(coalescer.admit(_req(f"a{i}"))) for i in range(3)]
         for _ in range(5):
             await asyncio.sleep(0)
         assert not any(f.done() for f in early)
-        late = [asyncio.ensure_future(coalescer.consume(_req(f"b{i}"))) for i in range(3)]
+        late = [asyncio.ensure_future(coalescer.admit(_req(f"b{i}"))) for i in range(3)]
         await asyncio.wait_for(asyncio.gather(*early, *late), 60)  # safety net only
     finally:
         await coalescer.stop()
