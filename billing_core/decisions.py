@@ -11,8 +11,14 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from billing_core.db.quota_store import CounterKey, PlanOffer, TenantContext, UsageRecordRow
-from billing_core.errors import InvalidRequest
+from billing_core.db.quota_store import (
+    CounterKey,
+    PlanOffer,
+    ReservationRow,
+    TenantContext,
+    UsageRecordRow,
+)
+from billing_core.errors import Conflict, InvalidRequest
 from billing_core.limits import (
     Quota,
     Reason,
@@ -26,7 +32,8 @@ from billing_core.limits import (
 )
 from billing_core.periods import Window
 from billing_core.pricing import TokenUsage
-from billing_core.usage import ConsumeRequest, Decision, WindowView
+from billing_core.resources import Overage
+from billing_core.usage import CommitResult, ConsumeRequest, Decision, WindowView
 
 Counts = Mapping[CounterKey, tuple[int, int]]
 K = TypeVar("K")
@@ -51,6 +58,42 @@ def reused_request_id(request_id: str, operation: str) -> InvalidRequest:
         f"request_id {request_id!r} was already used for a different request "
         f"({operation}); use a new request_id for new work"
     )
+
+
+def settled_commit(res: ReservationRow, fingerprint: str) -> CommitResult | None:
+    """A Commit of a reservation that is no longer live: the replay of its commit (None
+    while the reservation is active or expired, i.e. still to be committed)."""
+    if res.status == "committed":
+        stored = res.commit_response or {}
+        if stored.get("fingerprint") != fingerprint:
+            raise InvalidRequest(
+                f"reservation {res.reservation_id!r} was already committed with different values"
+            )
+        return CommitResult.from_json(stored, replayed=True)
+    if res.status == "released":
+        raise Conflict(f"reservation {res.reservation_id!r} was released; it cannot be committed")
+    return None
+
+
+def commit_charge(
+    wcs: Sequence[WindowCount], amount: int, cost: int, unlimited: bool
+) -> tuple[int, bool]:
+    """What a commit owes the wallet, and whether it went past a blocking limit."""
+    if unlimited:
+        return 0, False
+    over_block = any(
+        c.level + amount > c.quota.limit for c in wcs if c.quota.overage is Overage.BLOCK
+    )
+    over_units = max(
+        (
+            min(amount, c.level + amount - max(c.quota.limit, c.level))
+            for c in wcs
+            if c.quota.overage is Overage.WALLET and c.level + amount > c.quota.limit
+        ),
+        default=0,
+    )
+    charge = -(-cost * over_units // amount) if over_units else 0
+    return charge, over_block or (over_units > 0 and cost == 0)
 
 
 def add_delta(deltas: dict[K, tuple[int, int]], key: K, used: int, reserved: int) -> None:

@@ -35,7 +35,14 @@ from datetime import datetime, timedelta
 from billing_core import decisions
 from billing_core.db import batch_store as bs
 from billing_core.db.batch_store import BatchWrites, StoredKey, TenantKey
-from billing_core.db.quota_store import CounterKey, PlanOffer, TenantContext
+from billing_core.db.quota_store import (
+    CounterKey,
+    PlanOffer,
+    ReservationRow,
+    TenantContext,
+    UsageRecordRow,
+    unknown_reservation,
+)
 from billing_core.db.wire import Wire
 from billing_core.errors import QuotaError
 from billing_core.ids import new_id
@@ -43,16 +50,22 @@ from billing_core.limits import Quota, Reason, decide
 from billing_core.periods import Window, tenant_zone, window_for
 from billing_core.pricing import ModelPrice, cost_micros, missing_price
 from billing_core.resources import Overage, Period
-from billing_core.usage import ConsumeRequest, Decision
+from billing_core.usage import CommitRequest, CommitResult, ConsumeRequest, Decision
 from billing_core.wallet import LiveGrant, allocate_debit
 
 NO_LIMIT = 1 << 62
+SETTLED = ("committed", "released")  # a reservation no Commit can change any more
+
+
+Request = ConsumeRequest | CommitRequest  # CheckAndConsume or Reserve, or Commit
+Result = Decision | CommitResult | QuotaError
+Held = dict[tuple[str, str], ReservationRow]  # (tenant_id, reservation_id): the reservation
 
 
 @dataclass(slots=True)
 class BatchOutcome:
     # answers of the batched requests; denials get their upgrade offer in finish()
-    results: dict[int, Decision | QuotaError]
+    results: dict[int, Result]
     one_by_one: list[int]  # positions left to the one-by-one path
     finish: Callable[[], Awaitable[None]]  # after the writes were sent: fetch what they return
 
@@ -111,6 +124,7 @@ class ShapeMemo:
     def __init__(self, limit: int = 100_000) -> None:
         self._limit = limit
         self._seen: dict[tuple[str, str], TenantContext] = {}
+        self._held: Held = {}  # reservations this process made, until committed
 
     def get(self, tenant_id: str, resource: str) -> TenantContext | None:
         return self._seen.get((tenant_id, resource))
@@ -121,10 +135,21 @@ class ShapeMemo:
         for resource in resources:
             self._seen[(ctx.tenant_id, resource)] = ctx
 
+    def reservation(self, tenant_id: str, reservation_id: str) -> ReservationRow | None:
+        return self._held.get((tenant_id, reservation_id))
+
+    def hold(self, tenant_id: str, res: ReservationRow) -> None:
+        if len(self._held) >= self._limit:
+            self._held.clear()
+        self._held[(tenant_id, res.reservation_id)] = res
+
+    def settle(self, tenant_id: str, reservation_id: str) -> None:
+        self._held.pop((tenant_id, reservation_id), None)
+
 
 async def decide_batch(
     wire: Wire,
-    reqs: Sequence[ConsumeRequest],
+    reqs: Sequence[Request],
     now: datetime,
     *,
     memo: ShapeMemo,
@@ -134,20 +159,38 @@ async def decide_batch(
     """Decide validated requests in order inside the caller's transaction and queue their
     writes; the caller sends them (with its COMMIT when nothing is left one by one) and
     then calls `outcome.finish()`."""
-    resources = sorted({r.resource for r in reqs})
+    admissions = [r for r in reqs if isinstance(r, ConsumeRequest)]
+    commits = sorted(
+        {(r.tenant_id, r.reservation_id) for r in reqs if isinstance(r, CommitRequest)}
+    )
+    asked = sorted({r.resource for r in admissions})
+    # a Commit's resource is its reservation's, locked in the same round trip: all quotas then
+    resources = None if commits else asked
     tenant_ids = sorted({r.tenant_id for r in reqs})
     models = sorted({(r.tokens.provider, r.tokens.model) for r in reqs if r.tokens is not None})
-    keys = sorted({(r.tenant_id, r.request_id) for r in reqs if not r.dry_run})
+    keys = sorted({(r.tenant_id, r.request_id) for r in admissions if not r.dry_run})
     shared: dict[tuple[Period, str, datetime], Window] = {}
 
-    # round trip 1: contexts, prices and taken request_ids, and the locks the memo predicts
+    # round trip 1: the reservations to commit, contexts, prices and taken request_ids, and
+    # the locks the memo predicts
+    held_p = bs.send_reservations(wire, commits) if commits else None
+    guessed_held: Held = {}
     guess: dict[str, _Tenant] = {}
     for req in reqs:
-        if req.tenant_id not in guess and (seen := memo.get(req.tenant_id, req.resource)):
+        if isinstance(req, CommitRequest):
+            res = memo.reservation(req.tenant_id, req.reservation_id)
+            if res is None:
+                continue
+            guessed_held[(req.tenant_id, req.reservation_id)] = res
+            resource = res.resource
+        else:
+            resource = req.resource
+        if req.tenant_id not in guess and (seen := memo.get(req.tenant_id, resource)):
             guess[req.tenant_id] = _Tenant(seen)
-    guessed_keys, guessed_wallets = _locks(reqs, guess, now, shared)
+    guessed_keys, guessed_wallets = _locks(reqs, guess, guessed_held, now, shared)
     reads_p = bs.send_reads(wire, tenant_ids, resources, models, keys, now)
     locks_p = bs.send_locks(wire, guessed_keys, guessed_wallets) if guess else None
+    held = await held_p() if held_p else {}
     reads = await reads_p()
     contexts, prices = reads.contexts, reads.prices
     locked = await locks_p() if locks_p else bs.Locked({}, {}, {})
@@ -155,8 +198,9 @@ async def decide_batch(
     tenants: dict[str, _Tenant] = {}
     one_by_one: list[int] = []
     fast: list[int] = []
+    remembered = sorted({*asked, *(r.resource for r in held.values())})
     for ctx in contexts.values():
-        memo.remember(ctx, resources)
+        memo.remember(ctx, remembered)
     for i, req in enumerate(reqs):
         found = contexts.get(req.tenant_id)
         if found is None or found.has_expired_reservations or found.has_due_grants:
@@ -169,7 +213,7 @@ async def decide_batch(
             tenants[tenant_id].taken[request_id] = taken
 
     # round trip 2, only when the guess missed (first sight of a tenant, a changed plan)
-    lock_keys, wallet_tenants = _locks([reqs[i] for i in fast], tenants, now, shared)
+    lock_keys, wallet_tenants = _locks([reqs[i] for i in fast], tenants, held, now, shared)
     missed_keys = [k for k in lock_keys if k not in locked.counters]
     missed_wallets = [t for t in wallet_tenants if t not in guessed_wallets]
     if missed_keys or missed_wallets:
@@ -189,19 +233,26 @@ async def decide_batch(
             tenants[t].grants = locked.grants.get(t, [])
 
     writes = BatchWrites()
-    results: dict[int, Decision | QuotaError] = {}
-    denials: list[int] = []
+    results: dict[int, Result] = {}
+    denials: list[tuple[int, ConsumeRequest]] = []
     for i in fast:
         req = reqs[i]
         state = tenants[req.tenant_id]
-        result: Decision | QuotaError
+        result: Result
         try:
-            result = _decide_one(state, req, now, prices, past_due_grace, writes, shared)
+            if isinstance(req, CommitRequest):
+                result = _commit_one(state, req, held, now, prices, writes, shared)
+                memo.settle(req.tenant_id, req.reservation_id)
+            else:
+                result = _decide_one(state, req, now, prices, past_due_grace, writes, shared)
+                if result.reservation_id and not result.replayed:
+                    memo.hold(req.tenant_id, writes.reservations[-1].row())
         except QuotaError as exc:
             result = exc
         results[i] = result
         if isinstance(result, Decision) and not result.allowed and not result.replayed:
-            denials.append(i)
+            assert isinstance(req, ConsumeRequest)
+            denials.append((i, req))
 
     # the last round trip (the caller's): the writes, the offers for denials, the commit
     for t, state in tenants.items():
@@ -213,8 +264,8 @@ async def decide_batch(
     writes_p = bs.send_writes(wire, writes, now, now + idempotency_ttl)
     wanted = sorted(
         {
-            (reqs[i].resource, _current_plan(results[i]))
-            for i in denials
+            (req.resource, _current_plan(results[i]))
+            for i, req in denials
             if _reason(results[i]) is not Reason.PAYMENT_PAST_DUE
         },
         key=lambda w: (w[0], w[1] or ""),
@@ -224,41 +275,54 @@ async def decide_batch(
     async def finish() -> None:
         await writes_p()
         offers: dict[tuple[str, str | None], list[PlanOffer]] = await offers_p() if offers_p else {}
-        for i in denials:
+        for i, req in denials:
             denial = results[i]
             assert isinstance(denial, Decision)
             upgrade = ""
             if denial.reason is not Reason.PAYMENT_PAST_DUE:
-                found = offers[(reqs[i].resource, _current_plan(denial))]
-                upgrade = decisions.choose_upgrade(denial, reqs[i].amount, found)
+                found = offers[(req.resource, _current_plan(denial))]
+                upgrade = decisions.choose_upgrade(denial, req.amount, found)
             results[i] = replace(denial, upgrade_plan_id=upgrade)
 
     return BatchOutcome(results, one_by_one, finish)
 
 
 def _locks(
-    reqs: Iterable[ConsumeRequest],
+    reqs: Iterable[Request],
     tenants: dict[str, _Tenant],
+    held: Held,
     now: datetime,
     shared: dict[tuple[Period, str, datetime], Window],
 ) -> tuple[list[TenantKey], list[str]]:
     """The counter rows the requests touch, and the tenants whose wallet (with grants) may
-    have to pay an overage."""
+    have to pay an overage or give back a hold."""
     keys: set[TenantKey] = set()
     wallets: set[str] = set()
     for req in reqs:
-        state = tenants.get(req.tenant_id)
+        tenant_id = req.tenant_id
+        state = tenants.get(tenant_id)
         if state is None:
             continue
-        quotas, windows = state.plan(req.resource, now, shared)
-        keys.update((req.tenant_id, req.resource, w.period, w.start) for w in windows)
+        if isinstance(req, CommitRequest):
+            res = held.get((tenant_id, req.reservation_id))
+            if res is None or res.status in SETTLED:
+                continue  # an error or a replay: nothing to lock
+            resource, pays = res.resource, True
+            if res.status == "active":  # its amount is still in the counters
+                keys.update((tenant_id, *k) for k in res.windows)
+                if res.held_micros:
+                    wallets.add(tenant_id)
+        else:
+            resource, pays = req.resource, not req.dry_run
+        quotas, windows = state.plan(resource, now, shared)
+        keys.update((tenant_id, resource, w.period, w.start) for w in windows)
         if (
-            not req.dry_run
+            pays
             and req.tokens is not None
             and not state.ctx.unlimited
             and any(q.overage is Overage.WALLET for q in quotas)
         ):
-            wallets.add(req.tenant_id)
+            wallets.add(tenant_id)
     return list(keys), sorted(wallets)
 
 
@@ -369,16 +433,7 @@ def _apply(
         writes.records.append((tenant_id, record))
         if charge:
             assert state.wallet is not None
-            taken = allocate_debit(state.grants, charge)
-            left = dict(taken)
-            state.grants = [
-                LiveGrant(g.grant_id, g.remaining_micros - left[g.grant_id], g.expires_at)
-                if g.grant_id in left
-                else g
-                for g in state.grants
-            ]
-            writes.debits += [(tenant_id, g, m) for g, m in taken]
-            writes.ledger += [(tenant_id, g, "debit", -m, record_id, "usage") for g, m in taken]
+            _debit(state, tenant_id, allocate_debit(state.grants, charge), record_id, writes)
             balance = decision.wallet_balance_micros
             state.wallet = writes.wallets[tenant_id] = (balance, state.wallet[1])
             state.spent += charge
@@ -387,10 +442,122 @@ def _apply(
     writes.claims.append((tenant_id, req.request_id, req.OPERATION, fingerprint, response))
 
 
-def _current_plan(result: Decision | QuotaError) -> str | None:
+def _commit_one(
+    state: _Tenant,
+    req: CommitRequest,
+    held: Held,
+    now: datetime,
+    prices: dict[tuple[str, str], ModelPrice],
+    writes: BatchWrites,
+    shared: dict[tuple[Period, str, datetime], Window],
+) -> CommitResult:
+    """One Commit, as QuotaEngine._commit decides it, against the batch's state so far:
+    the reservation's amount leaves the counters' `reserved` (while it is still active),
+    the committed amount is added to `used`, the wallet pays what went over a wallet quota
+    (as far as it can) and gives back the hold."""
+    tenant_id = req.tenant_id
+    fingerprint = req.fingerprint()
+    res = held.get((tenant_id, req.reservation_id))
+    if res is None:
+        raise unknown_reservation(tenant_id, req.reservation_id)
+    settled = decisions.settled_commit(res, fingerprint)
+    if settled is not None:
+        return settled
+    cost = 0
+    if req.tokens is not None:
+        price = prices.get((req.tokens.provider, req.tokens.model))
+        if price is None:
+            raise missing_price(req.tokens.provider, req.tokens.model, now)
+        cost = cost_micros(req.tokens, price)
+    ctx = state.ctx
+    quotas, windows = state.plan(res.resource, now, shared)
+    live = res.status == "active"  # its amount is still in the counters
+    counts = dict(state.counts)
+    if live:
+        for k in res.windows:
+            decisions.add_delta(counts, k, 0, -res.amount)
+    wcs = decisions.window_counts(quotas, windows, counts, res.resource)
+    charge, over_limit = decisions.commit_charge(wcs, req.amount, cost, ctx.unlimited)
+    held_back = res.held_micros if live else 0
+    paid = 0
+    taken: list[tuple[str, int]] = []
+    wallet: tuple[int, int] | None = None
+    if charge or held_back:  # a missing wallet is created empty, as lock_wallet does
+        balance, on_hold = state.wallet or (0, 0)
+        paid = max(0, min(charge, balance - (on_hold - held_back)))
+        taken = allocate_debit(state.grants, paid) if paid else []
+        wallet = (balance - paid, on_hold - held_back)
+    # nothing above changed the batch's state: from here on the Commit cannot fail
+    record_id = new_id("ur", now)
+    keys = [(res.resource, w.period, w.start) for w in windows]
+    for note in decisions.thresholds(quotas, windows, counts, res.resource, req.amount):
+        writes.notes.append((tenant_id, *note))
+    result = CommitResult(
+        usage_record_id=record_id,
+        cost_micros=cost,
+        windows=decisions.window_views(
+            quotas, windows, counts, res.resource, req.amount, ctx.unlimited
+        ),
+        wallet_balance_micros=state.live_micros() if wallet is None else wallet[0],
+    )
+    for key in keys:
+        decisions.add_delta(counts, key, req.amount, 0)
+    state.counts = counts
+    if wallet is not None:
+        _debit(state, tenant_id, taken, record_id, writes)
+        state.wallet = writes.wallets[tenant_id] = wallet
+        state.spent += paid
+    writes.records.append(
+        (
+            tenant_id,
+            UsageRecordRow(
+                record_id,
+                res.resource,
+                req.amount,
+                "commit",
+                res.request_id,
+                res.reservation_id,
+                ctx.plan_id,
+                *decisions.token_fields(req.tokens),
+                cost,
+                paid,
+                over_limit or paid < charge,
+                req.labels,
+                now,
+            ),
+        )
+    )
+    response = {**result.to_json(), "fingerprint": fingerprint}
+    writes.committed.append((tenant_id, res.reservation_id, record_id, response))
+    held[(tenant_id, res.reservation_id)] = replace(
+        res, status="committed", commit_response=response
+    )
+    return result
+
+
+def _debit(
+    state: _Tenant,
+    tenant_id: str,
+    taken: list[tuple[str, int]],
+    record_id: str,
+    writes: BatchWrites,
+) -> None:
+    """Take `taken` (grant_id, micros) from the tenant's grants, with its ledger entries."""
+    left = dict(taken)
+    state.grants = [
+        LiveGrant(g.grant_id, g.remaining_micros - left[g.grant_id], g.expires_at)
+        if g.grant_id in left
+        else g
+        for g in state.grants
+    ]
+    writes.debits += [(tenant_id, g, m) for g, m in taken]
+    writes.ledger += [(tenant_id, g, "debit", -m, record_id, "usage") for g, m in taken]
+
+
+def _current_plan(result: Result) -> str | None:
     assert isinstance(result, Decision)
     return result.upgrade_plan_id or None  # a denial carries the current plan until here
 
 
-def _reason(result: Decision | QuotaError) -> Reason | None:
+def _reason(result: Result) -> Reason | None:
     return result.reason if isinstance(result, Decision) else None

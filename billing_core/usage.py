@@ -164,6 +164,12 @@ class CommitRequest:
         if self.tokens is not None:
             self.tokens.validate()
 
+    def fingerprint(self) -> str:
+        """What a repeated Commit must match to be replayed (stored with the reservation)."""
+        return ConsumeRequest(
+            self.tenant_id, "tokens", self.amount, "commit", tokens=self.tokens, labels=self.labels
+        ).fingerprint("commit")
+
 
 @dataclass(frozen=True, slots=True)
 class ReleaseRequest:

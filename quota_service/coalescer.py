@@ -1,10 +1,10 @@
-"""Request coalescing for CheckAndConsume and Reserve: concurrent requests share one
-transaction.
+"""Request coalescing for CheckAndConsume, Reserve and Commit: concurrent requests share
+one transaction.
 
 Requests go to a lane chosen by tenant, so one tenant's requests are always decided in
 arrival order by the same lane. A lane takes whatever has queued up while its previous
 batch ran and decides the batch set-based in one transaction with one commit
-(QuotaEngine.admit_batch). A request that arrives at an idle lane whose previous batch
+(QuotaEngine.run_batch). A request that arrives at an idle lane whose previous batch
 was a single request is decided at once, never held back for company; under load (the
 previous batch had company) the lane first waits — at most `gather_s` — until as many
 requests have queued as last time, so batches do not shrink just because the database
@@ -25,10 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from billing_core.errors import QuotaError
+from billing_core.quota_batch import Request
 from billing_core.quota_engine import QuotaEngine
-from billing_core.usage import ConsumeRequest, Decision
+from billing_core.usage import CommitRequest, CommitResult, ConsumeRequest, Decision
 
-_Item = tuple[ConsumeRequest, "asyncio.Future[Decision]"]
+_Item = tuple[Request, "asyncio.Future[Decision | CommitResult]"]
 
 
 @dataclass
@@ -69,10 +70,20 @@ class Coalescer:
 
     async def admit(self, req: ConsumeRequest) -> Decision:
         """Decide a CheckAndConsume, or a Reserve (a ReserveRequest), with its lane's batch."""
+        result = await self._decide(req)
+        assert isinstance(result, Decision)
+        return result
+
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        result = await self._decide(req)
+        assert isinstance(result, CommitResult)
+        return result
+
+    async def _decide(self, req: Request) -> Decision | CommitResult:
         if not self._lanes:
-            return await self.engine.admit(req)
+            return await self.engine.one(req)
         lane = self._lanes[zlib.crc32(req.tenant_id.encode()) % len(self._lanes)]
-        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Decision | CommitResult] = asyncio.get_running_loop().create_future()
         lane.queue.put_nowait((req, future))
         if lane.wake is not None and lane.queue.qsize() >= lane.want:
             _resolve(lane.wake)
@@ -110,7 +121,7 @@ class Coalescer:
             if self.on_batch is not None:
                 self.on_batch(len(live))
             try:
-                results = await self.engine.admit_batch([req for req, _ in live])
+                results = await self.engine.run_batch([req for req, _ in live])
             except Exception as exc:  # never leave a caller waiting
                 for _, fut in live:
                     if not fut.done():

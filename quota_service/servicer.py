@@ -39,7 +39,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "quota_coalesced_batch_size",
-            "CheckAndConsume and Reserve requests decided together in one transaction",
+            "CheckAndConsume, Reserve and Commit requests decided together in one transaction",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
@@ -72,8 +72,9 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         self, engine: QuotaEngine, metrics: Metrics, coalescer: Coalescer | None = None
     ) -> None:
         self._engine = engine
-        # CheckAndConsume and Reserve: with their lane's batch, or one by one
+        # CheckAndConsume, Reserve and Commit: with their lane's batch, or one by one
         self._admit = coalescer.admit if coalescer is not None else engine.admit
+        self._commit = coalescer.commit if coalescer is not None else engine.commit
         self._metrics = metrics
 
     async def _call(
@@ -126,9 +127,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[pb.CommitRequest, pb.CommitResponse],
     ) -> pb.CommitResponse:
         async def work() -> pb.CommitResponse:
-            return convert.commit_response(
-                await self._engine.commit(convert.commit_request(request))
-            )
+            return convert.commit_response(await self._commit(convert.commit_request(request)))
 
         return await self._call("Commit", context, work)  # type: ignore[arg-type]
 

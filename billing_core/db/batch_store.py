@@ -26,10 +26,12 @@ from billing_core.db.quota_store import (
     PLAN_OFFERS_SQL,
     CounterKey,
     PlanOffer,
+    ReservationRow,
     TenantContext,
     UsageRecordRow,
     context_from_row,
     offers_from_json,
+    reservation_from_row,
 )
 from billing_core.db.wire import Statement, Wire
 from billing_core.pricing import ModelPrice
@@ -91,19 +93,19 @@ def _reads(prices: bool, keys: bool) -> Statement:
 def send_reads(
     wire: Wire,
     tenant_ids: Sequence[str],
-    resources: Sequence[str],
+    resources: Sequence[str] | None,
     models: Sequence[tuple[str, str]],
     keys: Sequence[tuple[str, str]],
     now: datetime,
 ) -> Pending[Reads]:
     """What a batch reads before deciding: the tenants' contexts (with the quotas of
-    `resources`), the price in effect of each (provider, model), and which of the
-    (tenant_id, request_id) pairs are live idempotency keys."""
+    `resources`; None: of every resource), the price in effect of each (provider, model),
+    and which of the (tenant_id, request_id) pairs are live idempotency keys."""
     slot = wire.send(
         _reads(bool(models), bool(keys)),
         {
             "tenants": text_array(tenant_ids),
-            "resources": text_array(resources),
+            "resources": None if resources is None else text_array(resources),
             "now": now.isoformat(),
             "providers": text_array(m[0] for m in models),
             "models": text_array(m[1] for m in models),
@@ -174,6 +176,39 @@ def _reservation_json(r: NewReservation) -> list[Any]:
 
 def _order(key: TenantKey) -> tuple[str, str, int, datetime]:
     return key[0], key[1], PERIOD_ORDER[key[2]], key[3]
+
+
+# The reservations a batch commits, locked before anything else (the global lock order:
+# reservation, counters, wallet, grants), each looked up by its primary key.
+_LOCK_RESERVATIONS = Statement("""
+WITH locked AS (
+    SELECT r.* FROM unnest(%(tenants)s::text[], %(ids)s::text[]) AS u(t, i),
+         LATERAL (SELECT * FROM reservations r WHERE r.tenant_id = u.t AND r.reservation_id = u.i
+                  LIMIT 1 FOR UPDATE) r
+)
+SELECT coalesce(json_agg(json_build_array(tenant_id, reservation_id, request_id, resource,
+                amount, windows, held_micros, status, expires_at, commit_response)), '[]')::text
+FROM locked
+""")
+
+
+def send_reservations(
+    wire: Wire, wanted: Sequence[tuple[str, str]]
+) -> Pending[dict[tuple[str, str], ReservationRow]]:
+    """Lock the (tenant_id, reservation_id) reservations that exist, in the given order."""
+    slot = wire.send(
+        _LOCK_RESERVATIONS,
+        {"tenants": text_array(w[0] for w in wanted), "ids": text_array(w[1] for w in wanted)},
+    )
+
+    async def result() -> dict[tuple[str, str], ReservationRow]:
+        found = {}
+        for tenant_id, *row in orjson.loads(await wire.value(slot) or b""):
+            row[7] = _timestamp(row[7])
+            found[(tenant_id, row[0])] = reservation_from_row(row)
+        return found
+
+    return result
 
 
 @dataclass(slots=True)
@@ -276,6 +311,13 @@ class NewReservation:
     labels: Mapping[str, str]
     expires_at: datetime
 
+    def row(self) -> ReservationRow:
+        """As a Commit finds it while it is live."""
+        return ReservationRow(
+            self.reservation_id, self.request_id, self.resource, self.amount,
+            tuple(self.windows), self.held_micros, "active", self.expires_at, None,
+        )  # fmt: skip
+
 
 @dataclass(slots=True)
 class BatchWrites:
@@ -285,6 +327,8 @@ class BatchWrites:
     dropped: list[TenantKey] = field(default_factory=list)  # created, then nothing used them
     records: list[tuple[str, UsageRecordRow]] = field(default_factory=list)
     reservations: list[NewReservation] = field(default_factory=list)
+    # committed reservations: tenant, reservation_id, usage_record_id, commit_response
+    committed: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
     debits: list[tuple[str, str, int]] = field(default_factory=list)  # tenant, grant, micros
     # tenant, grant, kind, delta_micros, usage_record_id, reason — in order
     ledger: list[tuple[str, str, str, int, str | None, str]] = field(default_factory=list)
@@ -305,12 +349,13 @@ class BatchWrites:
 # first), quota_expect_claims fails the statement, which rolls the batch back.
 _WRITE_PARTS = {
     "counters": """
-    INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start, used, reserved)
-    SELECT e->>0, e->>1, e->>2, (e->>3)::timestamptz, (e->>4)::bigint, (e->>5)::bigint
-    FROM jsonb_array_elements(%(deltas)s::jsonb) WITH ORDINALITY AS u(e, n)
-    ORDER BY n
-    ON CONFLICT (tenant_id, resource, period, window_start)
-    DO UPDATE SET used = c.used + EXCLUDED.used, reserved = c.reserved + EXCLUDED.reserved
+    UPDATE usage_counters c SET used = c.used + (u.e->>4)::bigint,
+                                reserved = c.reserved + (u.e->>5)::bigint
+    FROM jsonb_array_elements(%(deltas)s::jsonb) AS u(e)
+    WHERE c.tenant_id = ANY(%(delta_tenants)s::text[])
+      AND c.window_start = ANY(%(delta_starts)s::timestamptz[])
+      AND c.tenant_id = u.e->>0 AND c.resource = u.e->>1 AND c.period = u.e->>2
+      AND c.window_start = (u.e->>3)::timestamptz
 """,
     "dropped": """
     DELETE FROM usage_counters c
@@ -338,6 +383,16 @@ _WRITE_PARTS = {
     FROM jsonb_array_elements(%(reservations)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
 """,
+    "committed": """
+    UPDATE reservations r SET status = 'committed', finished_at = %(now)s::timestamptz,
+                              usage_record_id = v.e->>2, commit_response = v.e->3
+    FROM (SELECT u.e, x.ctid AS row_id
+            FROM jsonb_array_elements(%(committed)s::jsonb) AS u(e),
+                 LATERAL (SELECT ctid FROM reservations x
+                           WHERE x.tenant_id = u.e->>0 AND x.reservation_id = u.e->>1
+                           LIMIT 1) x) v
+    WHERE r.ctid = v.row_id
+""",
     "grants": """
     UPDATE wallet_grants g SET remaining_micros = g.remaining_micros - (u.e->>2)::bigint
     FROM jsonb_array_elements(%(debits)s::jsonb) AS u(e)
@@ -353,10 +408,12 @@ _WRITE_PARTS = {
     ORDER BY n
 """,
     "wallets": """
-    UPDATE wallets w SET balance_micros = (u.e->>1)::bigint, held_micros = (u.e->>2)::bigint,
-                         updated_at = %(now)s::timestamptz
-    FROM jsonb_array_elements(%(wallets)s::jsonb) AS u(e)
-    WHERE w.tenant_id = ANY(%(wallet_tenants)s::text[]) AND w.tenant_id = u.e->>0
+    INSERT INTO wallets AS w (tenant_id, balance_micros, held_micros, updated_at)
+    SELECT e->>0, (e->>1)::bigint, (e->>2)::bigint, %(now)s::timestamptz
+    FROM jsonb_array_elements(%(wallets)s::jsonb) WITH ORDINALITY AS u(e, n)
+    ORDER BY n
+    ON CONFLICT (tenant_id) DO UPDATE SET balance_micros = EXCLUDED.balance_micros,
+        held_micros = EXCLUDED.held_micros, updated_at = EXCLUDED.updated_at
 """,
     "notes": """
     INSERT INTO notifications (tenant_id, kind, dedupe_key, message, details, created_at)
@@ -404,6 +461,8 @@ def send_writes(wire: Wire, w: BatchWrites, now: datetime, expires_at: datetime)
     if deltas:
         parts.append("counters")
         values["deltas"] = _json([[*_key_json(k), *w.deltas[k]] for k in deltas])
+        values["delta_tenants"] = text_array(sorted({k[0] for k in deltas}))
+        values["delta_starts"] = text_array(sorted({k[3].isoformat() for k in deltas}))
     if w.dropped:
         parts.append("dropped")
         values["dropped"] = _keys_json(w.dropped)
@@ -415,6 +474,9 @@ def send_writes(wire: Wire, w: BatchWrites, now: datetime, expires_at: datetime)
     if w.reservations:
         parts.append("reservations")
         values["reservations"] = _json([_reservation_json(r) for r in w.reservations])
+    if w.committed:
+        parts.append("committed")
+        values["committed"] = _json([list(c) for c in w.committed])
     if debits:
         parts.append("grants")
         values["debits"] = _json([[t, g, m] for (t, g), m in sorted(debits.items())])
@@ -426,7 +488,6 @@ def send_writes(wire: Wire, w: BatchWrites, now: datetime, expires_at: datetime)
     if w.wallets:
         parts.append("wallets")
         values["wallets"] = _json([[t, b, h] for t, (b, h) in sorted(w.wallets.items())])
-        values["wallet_tenants"] = text_array(sorted(w.wallets))
     if notes:
         parts.append("notes")
         values["notes"] = _json([list(n) for n in notes.values()])

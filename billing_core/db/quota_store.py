@@ -230,7 +230,7 @@ _RESERVATION_COLUMNS = (
 )
 
 
-def _reservation(row: Sequence[Any]) -> ReservationRow:
+def reservation_from_row(row: Sequence[Any]) -> ReservationRow:
     rid, request_id, resource, amount, windows, held, status, expires_at, response = row
     return ReservationRow(
         rid,
@@ -256,8 +256,12 @@ async def lock_reservation(conn: Conn, tenant_id: str, reservation_id: str) -> R
     )
     row = await cur.fetchone()
     if row is None:
-        raise NotFound(f"unknown reservation {reservation_id!r} for tenant {tenant_id!r}")
-    return _reservation(row)
+        raise unknown_reservation(tenant_id, reservation_id)
+    return reservation_from_row(row)
+
+
+def unknown_reservation(tenant_id: str, reservation_id: str) -> NotFound:
+    return NotFound(f"unknown reservation {reservation_id!r} for tenant {tenant_id!r}")
 
 
 async def expired_reservations(
@@ -271,7 +275,7 @@ async def expired_reservations(
         " ORDER BY reservation_id" + (" FOR UPDATE" if lock else ""),
         (tenant_id, resource, resource, now),
     )
-    return [_reservation(r) for r in await cur.fetchall()]
+    return [reservation_from_row(r) for r in await cur.fetchall()]
 
 
 async def finish_reservations(

@@ -24,9 +24,11 @@ from billing_core.catalog import PlanSpec, quota
 from billing_core.clock import FrozenClock
 from billing_core.db.pool import open_pool
 from billing_core.pricing import TokenUsage
+from billing_core.quota_batch import Request
 from billing_core.quota_engine import QuotaEngine, QuotaRules
 from billing_core.usage import (
     CommitRequest,
+    CommitResult,
     ConsumeRequest,
     Decision,
     FreeRequest,
@@ -45,6 +47,7 @@ BIG_TABLES = (
     "usage_records",
     "wallets",
     "wallet_grants",
+    "reservations",
 )
 
 
@@ -73,7 +76,7 @@ async def _populate(url: str, tenants: int = TENANTS, *, analyze: bool = True) -
 
 async def _grow(conn: AsyncConnection[Any], plan: str, first: int, n: int) -> None:
     """Tenants g-{first+1}..g-{first+n}, each with a subscription, a wallet and a grant, two
-    idempotency keys, two counters and two usage records."""
+    idempotency keys, two counters, two usage records and two committed reservations."""
     then = NOW - timedelta(days=40)
     args = {"then": then, "now": NOW, "first": first, "n": n, "plan": plan}
     for sql in (
@@ -103,6 +106,11 @@ async def _grow(conn: AsyncConnection[Any], plan: str, first: int, n: int) -> No
         " request_id, cost_micros, occurred_at)"
         " SELECT 'g-' || (%(first)s + i %% %(n)s + 1), 'ur-old-' || %(first)s || '-' || i,"
         " 'messages', 1, 'consume', 'old-' || i, 0, %(then)s"
+        " FROM generate_series(1, 2 * %(n)s) i",
+        "INSERT INTO reservations (tenant_id, reservation_id, request_id, resource, amount,"
+        " windows, status, expires_at, created_at)"
+        " SELECT 'g-' || (%(first)s + i %% %(n)s + 1), 'rsv-old-' || %(first)s || '-' || i,"
+        " 'old-' || i, 'messages', 1, '[]', 'committed', %(then)s, %(then)s"
         " FROM generate_series(1, 2 * %(n)s) i",
     ):
         await conn.execute(sql, args)
@@ -151,19 +159,32 @@ async def _settled(
 
 
 async def _batches(engine: QuotaEngine, rng: random.Random, count: int, tenants: int) -> None:
+    """Batches of CheckAndConsume and Reserve, and Commits of the last batch's reservations."""
     answers: list[Any] = []
+    held: list[tuple[str, str]] = []
     for batch in range(count):
-        reqs = []
+        reqs: list[Request] = [CommitRequest(t, r, 1) for t, r in held]
         for i in range(rng.randint(1, 24)):
             tenant = f"g-{rng.randint(1, tenants)}"
             request_id = f"b{batch}-{rng.random()}-{i}"
-            if rng.random() < 0.5:
+            draw = rng.random()
+            if draw < 0.4:
                 reqs.append(ConsumeRequest(tenant, "messages", 1, request_id))
+            elif draw < 0.6:
+                reqs.append(ReserveRequest(tenant, "messages", 2, request_id))
             else:
                 tokens = TokenUsage("p", "m", 30, 0)
                 reqs.append(ConsumeRequest(tenant, "tokens", 30, request_id, False, tokens))
-        answers += await engine.admit_batch(reqs)
-    assert answers and all(isinstance(a, Decision) and a.allowed for a in answers)
+        done = await engine.run_batch(reqs)
+        answers += done
+        held = [
+            (r.tenant_id, a.reservation_id)
+            for r, a in zip(reqs, done, strict=True)
+            if isinstance(a, Decision) and a.reservation_id
+        ]
+    assert answers and all(
+        isinstance(a, CommitResult) or (isinstance(a, Decision) and a.allowed) for a in answers
+    ), answers
 
 
 def _added(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -214,7 +235,7 @@ async def test_a_busy_tenant_costs_a_batch_no_more_index_reads_than_a_quiet_one(
                     tenant = "g-1" if i % 2 == 0 else f"g-{rng.randint(2, TENANTS)}"
                     reqs.append(ConsumeRequest(tenant, "messages", 1, f"q{batch}-{i}"))
                 requests += len(reqs)
-                answers = await engine.admit_batch(reqs)
+                answers = await engine.run_batch(reqs)
                 assert all(isinstance(a, Decision) and a.allowed for a in answers), answers
         finally:
             await pool.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from datetime import timedelta
 from typing import Any
@@ -22,8 +23,15 @@ from billing_core.db.pool import open_pool
 from billing_core.errors import QuotaError
 from billing_core.limits import SubscriptionStatus
 from billing_core.pricing import TokenUsage
+from billing_core.quota_batch import Request, Result
 from billing_core.quota_engine import QuotaEngine, QuotaRules
-from billing_core.usage import ConsumeRequest, Decision, ReserveRequest
+from billing_core.usage import (
+    CommitRequest,
+    CommitResult,
+    ConsumeRequest,
+    Decision,
+    ReserveRequest,
+)
 from quota_service.server import QuotaServer
 from tests import factories as f
 from tests.integration.test_properties import START
@@ -32,14 +40,24 @@ Pool = AsyncConnectionPool[Any]
 MODEL = "coalesce-model"
 
 
-def outcome(result: Decision | QuotaError) -> Any:
+def outcome(result: Result) -> Any:
     """What a caller sees, without the ids that differ between two tenants."""
-    if isinstance(result, QuotaError):
-        return (type(result).__name__, result.message)
-    data = result.to_json()
+    if isinstance(result, QuotaError):  # without the side's tenant and reservation ids
+        message = re.sub(r"rsv_\w+", "rsv_", re.sub(r"'(one|many)(\d)-", r"'\2-", result.message))
+        return (type(result).__name__, message)
+    data = {**result.to_json(), "replayed": result.replayed}
     data.pop("usage_record_id", None)
     data.pop("reservation_id", None)
     return repr(sorted(data.items()))
+
+
+def _without_fallback(engine: QuotaEngine) -> None:
+    """A batch that fails and falls back to one-by-one calls fails the test instead."""
+
+    async def fail(req: Request) -> Any:
+        raise AssertionError("the batch path failed and fell back to one by one")
+
+    engine.one = fail  # type: ignore[method-assign]
 
 
 async def books(pool: Pool, tenant: str) -> Any:
@@ -51,8 +69,9 @@ async def books(pool: Pool, tenant: str) -> Any:
     )
     records = await f.fetch(
         pool,
-        "SELECT resource, amount, cost_micros, wallet_charged_micros, over_limit, request_id"
-        " FROM usage_records WHERE tenant_id = %s ORDER BY request_id",
+        "SELECT resource, amount, kind, cost_micros, wallet_charged_micros, over_limit,"
+        " request_id, reservation_id IS NULL, plan_id, provider, model, input_tokens, labels"
+        " FROM usage_records WHERE tenant_id = %s ORDER BY request_id, kind, amount",
         tenant,
     )
     wallet = await f.fetch(
@@ -85,7 +104,9 @@ async def books(pool: Pool, tenant: str) -> Any:
     reservations = await f.fetch(
         pool,
         "SELECT request_id, resource, amount, windows, held_micros, status, labels, expires_at,"
-        " created_at FROM reservations WHERE tenant_id = %s ORDER BY request_id, status",
+        " created_at, finished_at, commit_response - 'usage_record_id',"
+        " usage_record_id IS NULL FROM reservations WHERE tenant_id = %s"
+        " ORDER BY request_id, status, created_at",
         tenant,
     )
     return counters, records, wallet, grants, ledger, notes, keys, reservations
@@ -100,28 +121,59 @@ requests = st.lists(
         st.integers(0, 12),  # request id: small range → retries of earlier ids
         st.booleans(),  # dry run
         st.integers(0, 9),  # 0: a model without a price
-        st.sampled_from([False, False, True]),  # a Reserve rather than a CheckAndConsume
+        # a Reserve or a Commit rather than a CheckAndConsume; a Commit's request id picks a
+        # reservation of an earlier batch (its dry-run flag: asked by another tenant)
+        st.sampled_from(["consume", "consume", "consume", "reserve", "reserve", "commit"]),
     ),
     min_size=1,
     max_size=60,
 )
-Item = tuple[int, str, int, int, bool, int, bool]
-# Reserves among CheckAndConsumes on one tenant, in one batch: a hold within the daily
+Item = tuple[int, str, int, int, bool, int, str]
+# Reserves and Commits among CheckAndConsumes, in two batches: a hold within the daily
 # window, a charge, a hold the wallet pays for, its replay and its reuse, a reservation of
-# another resource, a denial without credits, a dry run, a charge after the holds, and a
-# tenant left to the one-by-one path
+# another resource, a denial without credits, a dry run, a charge after the holds, a tenant
+# left to the one-by-one path; then Commits of them: less and more than held, twice, by
+# another tenant, of a denied Reserve, and of the reservation that expired before
 RESERVES: list[Item] = [
-    (0, "tokens", 20, 1, False, 1, True),
-    (0, "tokens", 20, 2, False, 1, False),
-    (0, "tokens", 15, 3, False, 1, True),
-    (0, "tokens", 15, 3, False, 1, True),
-    (0, "tokens", 16, 3, False, 1, True),
-    (0, "messages", 5, 4, False, 1, True),
-    (1, "tokens", 40, 5, False, 1, True),
-    (0, "tokens", 40, 6, True, 1, True),
-    (0, "tokens", 10, 7, False, 1, False),
-    (3, "messages", 3, 8, False, 1, True),
+    (0, "tokens", 20, 1, False, 1, "reserve"),
+    (0, "tokens", 20, 2, False, 1, "consume"),
+    (0, "tokens", 15, 3, False, 1, "reserve"),
+    (0, "tokens", 15, 3, False, 1, "reserve"),
+    (0, "tokens", 16, 3, False, 1, "reserve"),
+    (0, "messages", 5, 4, False, 1, "reserve"),
+    (1, "tokens", 40, 5, False, 1, "reserve"),
+    (0, "tokens", 40, 6, True, 1, "reserve"),
+    (0, "tokens", 10, 7, False, 1, "consume"),
+    (3, "messages", 3, 8, False, 1, "reserve"),
+    (0, "tokens", 12, 1, False, 1, "commit"),
+    (0, "tokens", 30, 2, False, 1, "commit"),
+    (0, "tokens", 30, 2, False, 1, "commit"),
+    (0, "tokens", 31, 2, False, 1, "commit"),
+    (0, "messages", 5, 3, False, 1, "commit"),
+    (2, "messages", 5, 6, True, 1, "commit"),
+    (1, "tokens", 5, 5, False, 1, "commit"),
+    (3, "messages", 2, 0, False, 1, "commit"),
+    (0, "tokens", 9, 9, False, 0, "commit"),
 ]
+
+# A Commit whose charge the wallet can pay only with the hold it gives back
+HOLD_BACK: list[Item] = [
+    (0, "tokens", 30, 1, False, 1, "consume"),
+    (0, "tokens", 100, 2, False, 1, "reserve"),
+    (0, "tokens", 10, 3, False, 1, "consume"),
+    (0, "tokens", 100, 1, False, 1, "commit"),
+]
+
+
+def _batch_of(size: int, cuts: list[int]) -> list[int]:
+    """The batch each position of a workload falls in, cut as the test cuts it."""
+    sizes: list[int] = []
+    for cut in cuts * 10:
+        if sum(sizes) >= size:
+            break
+        sizes.append(min(cut, size - sum(sizes)))
+    sizes.append(size - sum(sizes))
+    return [b for b, n in enumerate(sizes) for _ in range(n)]
 
 
 @settings(
@@ -130,7 +182,8 @@ RESERVES: list[Item] = [
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(workload=requests, cuts=st.lists(st.integers(1, 20), min_size=1, max_size=10))
-@example(workload=RESERVES, cuts=[len(RESERVES)])
+@example(workload=RESERVES, cuts=[10])
+@example(workload=HOLD_BACK, cuts=[3])
 async def test_batches_decide_exactly_like_one_by_one(
     pool: Pool, workload: list[Item], cuts: list[int]
 ) -> None:
@@ -151,6 +204,7 @@ async def test_batches_decide_exactly_like_one_by_one(
     upgrade = await f.plan(pool, START, f"up-{tag}", [quota("messages", "daily", 500)])
     earlier = QuotaEngine(pool, FrozenClock(START - timedelta(hours=1)), QuotaRules())
     names: dict[str, list[str]] = {}
+    expired_ids: dict[str, str] = {}
     for side in ("one", "many"):
         names[side] = [f"{side}{k}-{tag}" for k in range(4)]
         credits, broke, expired, reserved = names[side]
@@ -166,14 +220,36 @@ async def test_batches_decide_exactly_like_one_by_one(
         )
         await f.tenant(pool, START, reserved, plan, credits_micros=100)
         # a reservation that expired before the workload: its tenant takes the one-by-one path
-        await earlier.reserve(ReserveRequest(reserved, "messages", 5, "held", ttl_seconds=60))
+        held = await earlier.reserve(
+            ReserveRequest(reserved, "messages", 5, "held", ttl_seconds=60)
+        )
+        expired_ids[side] = held.reservation_id
 
-    def make(side: str, item: Item) -> ConsumeRequest:
-        who, resource, amount, rid, dry, model, reserve = item
+    batch_of = _batch_of(len(workload), cuts)
+    answers: dict[str, list[Result]] = {"one": [], "many": []}
+
+    def make(side: str, p: int) -> Request:
+        who, resource, amount, rid, dry, model, kind = workload[p]
         tokens = None
         if resource == "tokens":
             tokens = TokenUsage("p", MODEL if model else "unpriced", amount * 2, 0)
-        if reserve:
+        if kind == "commit":  # of a reservation made in an earlier batch, or the expired one
+            earlier_ones = [
+                q for q in range(p) if workload[q][6] == "reserve" and batch_of[q] < batch_of[p]
+            ]
+            q = [-1, *earlier_ones][rid % (len(earlier_ones) + 1)]
+            owner = 3 if q < 0 else workload[q][0]
+            made = answers[side][q] if q >= 0 else None
+            reservation_id = (
+                expired_ids[side]
+                if q < 0
+                else made.reservation_id
+                if isinstance(made, Decision) and made.reservation_id
+                else f"rsv_none{q}"
+            )
+            tenant = names[side][who if dry else owner]
+            return CommitRequest(tenant, reservation_id, amount, tokens)
+        if kind == "reserve":
             return ReserveRequest(
                 names[side][who], resource, amount, f"r{rid}", dry, tokens, ttl_seconds=60
             )
@@ -181,21 +257,17 @@ async def test_batches_decide_exactly_like_one_by_one(
             names[side][who], resource, amount, f"r{rid}", dry_run=dry, tokens=tokens
         )
 
-    sequential: list[Decision | QuotaError] = []
-    for item in workload:
+    for p in range(len(workload)):
         try:
-            sequential.append(await engine.admit(make("one", item)))
+            answers["one"].append(await engine.one(make("one", p)))
         except QuotaError as exc:
-            sequential.append(exc)
-    batched: list[Decision | QuotaError] = []
-    rest = [make("many", item) for item in workload]
-    for cut in cuts * 10:
-        if not rest:
-            break
-        batched += await engine.admit_batch(rest[:cut])
-        rest = rest[cut:]
-    if rest:
-        batched += await engine.admit_batch(rest)
+            answers["one"].append(exc)
+
+    _without_fallback(engine)
+    for b in range(batch_of[-1] + 1):
+        batch = [make("many", p) for p in range(len(workload)) if batch_of[p] == b]
+        answers["many"] += await engine.run_batch(batch)
+    batched, sequential = answers["many"], answers["one"]
     assert [outcome(r) for r in batched] == [outcome(r) for r in sequential]
     for one, many in zip(names["one"], names["many"], strict=True):
         assert await books(pool, many) == await books(pool, one)
@@ -235,6 +307,48 @@ async def test_the_coalescing_sidecar_is_exact_under_64_callers(
     assert sidecar.coalescer.batches - before < 64 * 20 * 2
 
 
+async def test_reserve_and_commit_through_the_coalescing_sidecar_are_exact_under_64_callers(
+    sidecar: QuotaServer, pool: Pool, uid: str
+) -> None:
+    """Each caller reserves 3 and commits 2 (then commits again: a replay); 1,000 a day
+    admits about 500 of the 640 Reserves, and nothing stays reserved."""
+    assert sidecar.coalescer is not None
+    plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 1000)])
+    t = await f.tenant(pool, START, f"rc-{uid}", plan)
+    before = sidecar.coalescer.requests
+    async with AsyncQuotaClient(f"127.0.0.1:{sidecar.port}") as client:
+
+        async def caller(c: int) -> int:
+            committed = 0
+            for i in range(10):
+                held = await client.reserve(t, "tool_calls", 3, request_id=f"{c}-{i}")
+                if not held.allowed:
+                    continue
+                first = await held.commit(2)
+                again = await client.commit(t, held.reservation_id, 2)
+                assert again.usage_record_id == first.usage_record_id
+                committed += 2
+            return committed
+
+        committed = sum(await asyncio.gather(*(caller(c) for c in range(64))))
+    [(used, reserved, records, open_reservations)] = await f.fetch(
+        pool,
+        "SELECT (SELECT sum(used) FROM usage_counters WHERE tenant_id = %s),"
+        " (SELECT sum(reserved) FROM usage_counters WHERE tenant_id = %s),"
+        " (SELECT sum(amount) FROM usage_records WHERE tenant_id = %s),"
+        " (SELECT count(*) FROM reservations WHERE tenant_id = %s AND status <> 'committed')",
+        t,
+        t,
+        t,
+        t,
+    )
+    # a reservation of 3 fits while the day's level is at most 997; each leaves 2 behind
+    assert (used, reserved, records, open_reservations) == (committed, 0, committed, 0)
+    assert 998 <= committed <= 1000 and committed % 2 == 0
+    # Reserve and Commit went through the lanes (3 calls a success, 1 a denial)
+    assert sidecar.coalescer.requests - before >= 64 * 10
+
+
 async def test_a_twin_committed_meanwhile_is_replayed_not_counted_twice(
     pool: Pool, uid: str
 ) -> None:
@@ -254,7 +368,7 @@ async def test_a_twin_committed_meanwhile_is_replayed_not_counted_twice(
             (t, twin.fingerprint("consume"), Jsonb(answer.to_json()), START,
              START + timedelta(hours=1)),
         )  # fmt: skip
-        batch = asyncio.create_task(engine.admit_batch([other, twin]))
+        batch = asyncio.create_task(engine.run_batch([other, twin]))
         await asyncio.sleep(0.3)
         assert not batch.done()  # waiting on the uncommitted twin's key
     first, second = await batch
@@ -284,7 +398,7 @@ async def test_a_failing_batch_is_decided_one_by_one(
     engine = QuotaEngine(pool, FrozenClock(START), QuotaRules())
     plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 2)])
     t = await f.tenant(pool, START, f"broken-{uid}", plan)
-    results = await engine.admit_batch(
+    results = await engine.run_batch(
         [ConsumeRequest(t, "tool_calls", 1, f"b{i}") for i in range(3)]
         + [ConsumeRequest(f"ghost-{uid}", "tool_calls", 1, "g")]
     )
@@ -296,9 +410,7 @@ async def test_a_failing_batch_is_decided_one_by_one(
     ]
 
 
-async def test_a_changed_plan_is_enforced_by_the_very_next_batch(
-    pool: Pool, uid: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_changed_plan_is_enforced_by_the_very_next_batch(pool: Pool, uid: str) -> None:
     """A batch locks with its reads the rows the tenant's last shape predicts; after a plan
     change the prediction is wrong, and the batch still decides by the new plan (locking
     the new window and the wallet the old plan never needed) and leaves no row behind for
@@ -314,15 +426,12 @@ async def test_a_changed_plan_is_enforced_by_the_very_next_batch(
             t, "tokens", amount, request_id, dry_run, TokenUsage("p", MODEL, amount, 0)
         )
 
-    async def no_fallback(req: ConsumeRequest) -> Decision:
-        raise AssertionError("the batch path failed and fell back to one by one")
-
-    monkeypatch.setattr(engine, "consume", no_fallback)
-    [probe] = await engine.admit_batch([ask(3, "probe", dry_run=True)])
+    _without_fallback(engine)
+    [probe] = await engine.run_batch([ask(3, "probe", dry_run=True)])
     assert isinstance(probe, Decision) and probe.allowed  # the engine now knows: daily
     async with pool.connection() as conn:
         await catalog.assign_plan(conn, t, weekly, START)
-    first, second = await engine.admit_batch([ask(3, "a"), ask(2, "b")])
+    first, second = await engine.run_batch([ask(3, "a"), ask(2, "b")])
     assert isinstance(first, Decision) and first.allowed
     assert [w.period.value for w in first.windows] == ["weekly"]
     # 5 > 4 a week: the wallet pays for the one token over (the daily plan had no wallet)
@@ -335,7 +444,7 @@ async def test_a_changed_plan_is_enforced_by_the_very_next_batch(
 
 
 async def test_a_batch_after_psycopg_deallocated_its_statements_is_retried(
-    database_url: str, pool: Pool, uid: str, monkeypatch: pytest.MonkeyPatch
+    database_url: str, pool: Pool, uid: str
 ) -> None:
     """psycopg runs DEALLOCATE ALL on a connection after a ROLLBACK there, which forgets the
     batch statements too: the batch is retried, prepared again — not decided one by one."""
@@ -343,14 +452,11 @@ async def test_a_batch_after_psycopg_deallocated_its_statements_is_retried(
     try:
         engine = QuotaEngine(pool, FrozenClock(START), QuotaRules(), batch_pool=lane)
 
-        async def no_fallback(req: ConsumeRequest) -> Decision:
-            raise AssertionError("the batch path failed and fell back to one by one")
-
-        monkeypatch.setattr(engine, "consume", no_fallback)
+        _without_fallback(engine)
         plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 10)])
         t = await f.tenant(pool, START, f"dealloc-{uid}", plan)
         for i in range(3):
-            [result] = await engine.admit_batch([ConsumeRequest(t, "tool_calls", 1, f"d{i}")])
+            [result] = await engine.run_batch([ConsumeRequest(t, "tool_calls", 1, f"d{i}")])
             assert isinstance(result, Decision) and result.allowed
             async with lane.connection() as conn:
                 await conn.execute("DEALLOCATE ALL")
@@ -373,3 +479,48 @@ async def test_text_array_literals_round_trip(pool: Pool, values: list[str]) -> 
     backslashes, commas, braces, blanks, NULL-looking words) arrives as itself."""
     [(got,)] = await f.fetch(pool, "SELECT %s::text[]", text_array(values))
     assert got == values
+
+
+async def test_commits_after_the_credits_behind_their_holds_expired_pay_nothing_more(
+    pool: Pool, uid: str
+) -> None:
+    """Credits that expire while reservations hold part of them leave the wallet holding
+    more than its balance: each Commit, alone or in a batch, pays what the balance allows
+    (nothing), gives its hold back and does not fail."""
+    clock = FrozenClock(START)
+    engine = QuotaEngine(pool, clock, QuotaRules())
+    await f.price(pool, "p", MODEL, 1_000_000, 0, START)
+    plan = await f.plan(pool, START, uid, [quota("tokens", "daily", 10, overage="wallet")])
+    t = await f.tenant(pool, START, f"lapsed-{uid}", plan)
+    async with pool.connection() as conn:
+        await catalog.grant_credits(
+            conn, t, 1000, START, reason="test", expires_at=START + timedelta(minutes=1)
+        )
+    tokens = TokenUsage("p", MODEL, 100, 0)  # 100 micros for 50 tokens
+    held = []
+    for i in range(3):
+        reserved = await engine.reserve(
+            ReserveRequest(t, "tokens", 50, f"r{i}", tokens=tokens, ttl_seconds=3600)
+        )
+        assert reserved.allowed
+        held.append(reserved.reservation_id)
+    assert await f.fetch(pool, "SELECT held_micros FROM wallets WHERE tenant_id = %s", t) == [
+        (80 + 100 + 100,)  # the first: 40 of its 50 tokens over the daily 10
+    ]
+    clock.advance(timedelta(minutes=2))  # the grant expired: the wallet holds 280 of 0
+    alone = await engine.commit(CommitRequest(t, held[0], 50, tokens))  # expires the grant
+
+    _without_fallback(engine)
+    [batched] = await engine.run_batch([CommitRequest(t, held[1], 50, tokens)])
+    assert alone.wallet_balance_micros == 0
+    assert isinstance(batched, CommitResult) and batched.wallet_balance_micros == 0
+    wallet = await f.fetch(
+        pool, "SELECT balance_micros, held_micros FROM wallets WHERE tenant_id = %s", t
+    )
+    assert wallet == [(0, 100)]  # the last reservation's hold is still there
+    charged = await f.fetch(
+        pool,
+        "SELECT wallet_charged_micros, over_limit FROM usage_records WHERE tenant_id = %s",
+        t,
+    )
+    assert charged == [(0, True), (0, True)]  # not paid: marked as over the limit

@@ -19,7 +19,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
 
-    async def admit_batch(self, reqs: Sequence[ConsumeRequest]) -> list[Decision | QuotaError]:
+    async def run_batch(self, reqs: Sequence[ConsumeRequest]) -> list[Decision | QuotaError]:
         self.batches.append([r.request_id for r in reqs])
         await asyncio.sleep(0)  # a database round trip, in spirit
         return [Decision(True, Reason.ALLOWED, ()) for _ in reqs]
