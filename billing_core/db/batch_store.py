@@ -437,8 +437,9 @@ _WRITE_PARTS = {
 
 @cache
 def _writes(parts: tuple[str, ...]) -> Statement:
-    ctes = ",\n".join(f"{name} AS ({_WRITE_PARTS[name]})" for name in parts)
-    taken = "(SELECT count(*) FROM claims)" if "claims" in parts else "0"
+    # each part is named apart from every table: a CTE's name hides the table's in the parts
+    ctes = ",\n".join(f"written_{name} AS ({_WRITE_PARTS[name]})" for name in parts)
+    taken = "(SELECT count(*) FROM written_claims)" if "claims" in parts else "0"
     return Statement(f"WITH {ctes}\nSELECT quota_expect_claims(%(expected)s::bigint, {taken})")
 
 

@@ -123,7 +123,7 @@ requests = st.lists(
         st.integers(0, 9),  # 0: a model without a price
         # a Reserve or a Commit rather than a CheckAndConsume; a Commit's request id picks a
         # reservation of an earlier batch (its dry-run flag: asked by another tenant)
-        st.sampled_from(["consume", "consume", "consume", "reserve", "reserve", "commit"]),
+        st.sampled_from(["consume", "consume", "reserve", "reserve", "commit", "commit"]),
     ),
     min_size=1,
     max_size=60,
@@ -133,7 +133,8 @@ Item = tuple[int, str, int, int, bool, int, str]
 # window, a charge, a hold the wallet pays for, its replay and its reuse, a reservation of
 # another resource, a denial without credits, a dry run, a charge after the holds, a tenant
 # left to the one-by-one path; then Commits of them: less and more than held, twice, by
-# another tenant, of a denied Reserve, and of the reservation that expired before
+# another tenant, of a denied Reserve, and of the reservation that expired before, with a
+# new Reserve in the same batch
 RESERVES: list[Item] = [
     (0, "tokens", 20, 1, False, 1, "reserve"),
     (0, "tokens", 20, 2, False, 1, "consume"),
@@ -154,6 +155,7 @@ RESERVES: list[Item] = [
     (1, "tokens", 5, 5, False, 1, "commit"),
     (3, "messages", 2, 0, False, 1, "commit"),
     (0, "tokens", 9, 9, False, 0, "commit"),
+    (0, "messages", 2, 10, False, 1, "reserve"),
 ]
 
 # A Commit whose charge the wallet can pay only with the hold it gives back
