@@ -4,6 +4,8 @@ Each use case is one transaction on one connection: validate → claim the reque
 load the tenant's plan → lock rows in the global order (see db/quota_store.py) → decide
 with the pure rules of limits.py → write counters, record, ledger and key together.
 A denial, dry run or error rolls everything back, so nothing is written for them.
+The coalescing sidecar decides CheckAndConsume, Reserve and Commit many at a time
+(run_batch, with quota_batch.py), exactly as these one-by-one use cases would.
 """
 
 from __future__ import annotations

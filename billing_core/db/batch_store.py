@@ -1,11 +1,12 @@
-"""Set-based SQL for deciding a batch of CheckAndConsume requests in one transaction.
+"""Set-based SQL for deciding a batch of CheckAndConsume, Reserve and Commit requests in
+one transaction.
 
 Every statement covers all tenants of the batch at once. Reads come in two steps — `send_*`
 queues the statement on the batch's Wire (libpq's pipeline, db/wire.py) and returns a
 `Pending` that fetches its result — so several statements share one round trip. Every
 statement answers with one row of JSON text (parsed by orjson), and its parameters are text
-typed by casts in the SQL. Lock order is the one of quota_store (counters → wallet row →
-grants), by tenant first.
+typed by casts in the SQL. Lock order is the one of quota_store (reservations → counters
+→ wallet row → grants), by tenant first.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ class Locked:
 
 # Counters (created if missing), then wallets, then grants — the global lock order: the
 # branches of a UNION ALL run one after the other, each reading its CTE to the end.
-# A missing wallet is an empty one: it pays nothing, so it is never written.
+# A missing wallet is an empty one: it pays nothing (a Commit that owes something
+# creates it, empty, as quota_store.lock_wallet does).
 _LOCK_COUNTERS = """
 counters AS (
     INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start)
