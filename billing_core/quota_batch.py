@@ -1,11 +1,13 @@
-"""CheckAndConsume and Reserve for a batch of requests, decided set-based in one transaction.
+"""CheckAndConsume, Reserve and Commit for a batch of requests, decided set-based in one
+transaction.
 
 A handful of statements serve the whole batch, whatever its size, in two round trips:
 
-1. one round trip reads the tenants' contexts, the model prices and the request_ids that
-   are already taken, and creates-if-missing and locks (in the global key order) the
-   counter rows, wallets and grants the batch will touch — as predicted from what the
-   tenants looked like last time (ShapeMemo). The contexts just read decide what is really
+1. one round trip locks the reservations the batch commits, reads the tenants' contexts,
+   the model prices and the request_ids that are already taken, and creates-if-missing and
+   locks (in the global key order) the counter rows, wallets and grants the batch will
+   touch — as predicted from what the tenants looked like last time and from the
+   reservations this process made (ShapeMemo). The contexts just read decide what is really
    needed; whatever the prediction missed (a tenant seen for the first time, a changed
    plan) is locked in an extra round trip, so a stale prediction costs time, never
    correctness;
@@ -14,10 +16,13 @@ A handful of statements serve the whole batch, whatever its size, in two round t
    runs random workloads both ways and compares answers and books). A Reserve is decided
    as CheckAndConsume is; it differs in what it writes: its amount goes to the counters'
    `reserved` instead of `used`, a reservation instead of a usage record, and what it may
-   cost is held on the wallet (held_micros) instead of debited from its grants;
-3. one statement writes counters, usage records, reservations, grant debits, ledger
-   entries, wallets, notifications and idempotency keys set-based; the caller sends it
-   with the upgrade-offer reads for denials and its COMMIT in one round trip (db/wire.py).
+   cost is held on the wallet (held_micros) instead of debited from its grants. A Commit
+   moves its reservation's amount from `reserved` to what was really used, pays from the
+   wallet what went over a wallet quota and gives the hold back (_commit_one);
+3. one statement writes counters, usage records, reservations and their commits, grant
+   debits, ledger entries, wallets, notifications and idempotency keys set-based; the
+   caller sends it with the upgrade-offer reads for denials and its COMMIT in one round
+   trip (db/wire.py).
 
 Tenants with lazily expiring state (an expired reservation to release, a grant to expire)
 are left to the one-by-one path, in the same transaction. When another transaction took
@@ -119,6 +124,8 @@ class ShapeMemo:
     and quotas — so that the next batch can lock its counter rows in the same round trip
     that reads the contexts. Only a guess: every batch re-reads the contexts in its own
     transaction and locks whatever the guess missed, so a changed plan is enforced at once.
+    Likewise the reservations this process made, until they are committed: a Commit's
+    counter rows and wallet are locked with its reservation.
     Bounded: forgotten wholesale when it outgrows `limit`."""
 
     def __init__(self, limit: int = 100_000) -> None:

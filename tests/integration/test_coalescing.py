@@ -30,6 +30,7 @@ from billing_core.usage import (
     CommitResult,
     ConsumeRequest,
     Decision,
+    ReleaseRequest,
     ReserveRequest,
 )
 from quota_service.server import QuotaServer
@@ -526,3 +527,62 @@ async def test_commits_after_the_credits_behind_their_holds_expired_pay_nothing_
         t,
     )
     assert charged == [(0, True), (0, True)]  # not paid: marked as over the limit
+
+
+async def test_batched_commits_racing_one_by_one_commits_and_releases_settle_each_reservation_once(
+    database_url: str, pool: Pool, uid: str
+) -> None:
+    """Two sidecars at once (one batching on its own connection, one deciding one by one):
+    for each reservation a batched Commit races a one-by-one Commit of the same values and a
+    Release. Each reservation ends committed once (both Commits answer with the same
+    record) or released (both Commits refused); nothing stays reserved or is counted twice."""
+    lane = await open_pool(database_url, 1)
+    try:
+        clock = FrozenClock(START)
+        batching = QuotaEngine(pool, clock, QuotaRules(), batch_pool=lane)
+        alone = QuotaEngine(pool, clock, QuotaRules())
+        plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 10_000)])
+        t = await f.tenant(pool, START, f"race-{uid}", plan)
+        held = [
+            (await alone.reserve(ReserveRequest(t, "tool_calls", 5, f"h{i}"))).reservation_id
+            for i in range(40)
+        ]
+
+        async def one_by_one(reservation_id: str, i: int) -> Any:
+            if i % 3 == 0:
+                return await alone.release(ReleaseRequest(t, reservation_id))
+            try:
+                return await alone.commit(CommitRequest(t, reservation_id, 4))
+            except QuotaError as exc:
+                return exc
+
+        for start in range(0, len(held), 8):  # batches of 8 against 8 single calls
+            chunk = held[start : start + 8]
+            batched, *singles = await asyncio.gather(
+                batching.run_batch([CommitRequest(t, r, 4) for r in chunk]),
+                *(one_by_one(r, start + j) for j, r in enumerate(chunk)),
+            )
+            for j, (mine, theirs) in enumerate(zip(batched, singles, strict=True)):
+                if (start + j) % 3 == 0:  # raced a Release: exactly one of them won
+                    assert isinstance(mine, CommitResult) != (theirs is True), (mine, theirs)
+                else:  # raced a Commit: one record, answered twice
+                    assert isinstance(mine, CommitResult) and isinstance(theirs, CommitResult)
+                    assert mine.usage_record_id == theirs.usage_record_id
+                    assert mine.replayed != theirs.replayed
+    finally:
+        await lane.close()
+    [(used, reserved, records, committed, released)] = await f.fetch(
+        pool,
+        "SELECT (SELECT sum(used) FROM usage_counters WHERE tenant_id = %s),"
+        " (SELECT sum(reserved) FROM usage_counters WHERE tenant_id = %s),"
+        " (SELECT count(*) FROM usage_records WHERE tenant_id = %s),"
+        " (SELECT count(*) FROM reservations WHERE tenant_id = %s AND status = 'committed'),"
+        " (SELECT count(*) FROM reservations WHERE tenant_id = %s AND status = 'released')",
+        t,
+        t,
+        t,
+        t,
+        t,
+    )
+    assert committed + released == 40 and reserved == 0
+    assert (used, records) == (4 * committed, committed)
