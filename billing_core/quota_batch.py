@@ -1,9 +1,9 @@
-"""CheckAndConsume, Reserve and Commit for a batch of requests, decided set-based in one
-transaction.
+"""CheckAndConsume, Reserve, Commit and Release for a batch of requests, decided set-based
+in one transaction.
 
 A handful of statements serve the whole batch, whatever its size, in two round trips:
 
-1. one round trip locks the reservations the batch commits, reads the tenants' contexts,
+1. one round trip locks the reservations the batch commits or releases, reads the tenants' contexts,
    the model prices and the request_ids that are already taken, and creates-if-missing and
    locks (in the global key order) the counter rows, wallets and grants the batch will
    touch — as predicted from what the tenants looked like last time and from the
@@ -18,7 +18,8 @@ A handful of statements serve the whole batch, whatever its size, in two round t
    `reserved` instead of `used`, a reservation instead of a usage record, and what it may
    cost is held on the wallet (held_micros) instead of debited from its grants. A Commit
    moves its reservation's amount from `reserved` to what was really used, pays from the
-   wallet what went over a wallet quota and gives the hold back (_commit_one);
+   wallet what went over a wallet quota and gives the hold back (_commit_one); a Release
+   gives back the amount and the hold (_release_one);
 3. one statement writes counters, usage records, reservations and their commits, grant
    debits, ledger entries, wallets, notifications and idempotency keys set-based; the
    caller sends it with the upgrade-offer reads for denials and its COMMIT in one round
@@ -55,15 +56,22 @@ from billing_core.limits import Quota, Reason, decide
 from billing_core.periods import Window, tenant_zone, window_for
 from billing_core.pricing import ModelPrice, cost_micros, missing_price
 from billing_core.resources import Overage, Period
-from billing_core.usage import CommitRequest, CommitResult, ConsumeRequest, Decision
+from billing_core.usage import (
+    CommitRequest,
+    CommitResult,
+    ConsumeRequest,
+    Decision,
+    ReleaseRequest,
+)
 from billing_core.wallet import LiveGrant, allocate_debit
 
 NO_LIMIT = 1 << 62
 SETTLED = ("committed", "released")  # a reservation no Commit can change any more
 
 
-Request = ConsumeRequest | CommitRequest  # CheckAndConsume or Reserve, or Commit
-Result = Decision | CommitResult | QuotaError
+# CheckAndConsume or Reserve (a ReserveRequest), Commit, Release
+Request = ConsumeRequest | CommitRequest | ReleaseRequest
+Result = Decision | CommitResult | bool | QuotaError
 Held = dict[tuple[str, str], ReservationRow]  # (tenant_id, reservation_id): the reservation
 
 
@@ -167,31 +175,37 @@ async def decide_batch(
     writes; the caller sends them (with its COMMIT when nothing is left one by one) and
     then calls `outcome.finish()`."""
     admissions = [r for r in reqs if isinstance(r, ConsumeRequest)]
-    commits = sorted(
-        {(r.tenant_id, r.reservation_id) for r in reqs if isinstance(r, CommitRequest)}
+    settling = sorted(
+        {(r.tenant_id, r.reservation_id) for r in reqs if not isinstance(r, ConsumeRequest)}
     )
     asked = sorted({r.resource for r in admissions})
     # a Commit's resource is its reservation's, locked in the same round trip: all quotas then
-    resources = None if commits else asked
+    resources = None if any(isinstance(r, CommitRequest) for r in reqs) else asked
     tenant_ids = sorted({r.tenant_id for r in reqs})
-    models = sorted({(r.tokens.provider, r.tokens.model) for r in reqs if r.tokens is not None})
+    models = sorted(
+        {
+            (r.tokens.provider, r.tokens.model)
+            for r in reqs
+            if not isinstance(r, ReleaseRequest) and r.tokens is not None
+        }
+    )
     keys = sorted({(r.tenant_id, r.request_id) for r in admissions if not r.dry_run})
     shared: dict[tuple[Period, str, datetime], Window] = {}
 
-    # round trip 1: the reservations to commit, contexts, prices and taken request_ids, and
-    # the locks the memo predicts
-    held_p = bs.send_reservations(wire, commits) if commits else None
+    # round trip 1: the reservations to commit or release, contexts, prices and taken
+    # request_ids, and the locks the memo predicts
+    held_p = bs.send_reservations(wire, settling) if settling else None
     guessed_held: Held = {}
     guess: dict[str, _Tenant] = {}
     for req in reqs:
-        if isinstance(req, CommitRequest):
+        if isinstance(req, ConsumeRequest):
+            resource = req.resource
+        else:
             res = memo.reservation(req.tenant_id, req.reservation_id)
             if res is None:
                 continue
             guessed_held[(req.tenant_id, req.reservation_id)] = res
             resource = res.resource
-        else:
-            resource = req.resource
         if req.tenant_id not in guess and (seen := memo.get(req.tenant_id, resource)):
             guess[req.tenant_id] = _Tenant(seen)
     guessed_keys, guessed_wallets = _locks(reqs, guess, guessed_held, now, shared)
@@ -249,6 +263,9 @@ async def decide_batch(
         try:
             if isinstance(req, CommitRequest):
                 result = _commit_one(state, req, held, now, prices, writes, shared)
+                memo.settle(req.tenant_id, req.reservation_id)
+            elif isinstance(req, ReleaseRequest):
+                result = _release_one(state, req, held, writes)
                 memo.settle(req.tenant_id, req.reservation_id)
             else:
                 result = _decide_one(state, req, now, prices, past_due_grace, writes, shared)
@@ -309,6 +326,13 @@ def _locks(
         tenant_id = req.tenant_id
         state = tenants.get(tenant_id)
         if state is None:
+            continue
+        if isinstance(req, ReleaseRequest):
+            res = held.get((tenant_id, req.reservation_id))
+            if res is not None and res.status == "active":
+                keys.update((tenant_id, *k) for k in res.windows)
+                if res.held_micros:
+                    wallets.add(tenant_id)
             continue
         if isinstance(req, CommitRequest):
             res = held.get((tenant_id, req.reservation_id))
@@ -535,11 +559,30 @@ def _commit_one(
         )
     )
     response = {**result.to_json(), "fingerprint": fingerprint}
-    writes.committed.append((tenant_id, res.reservation_id, record_id, response))
+    writes.finished.append((tenant_id, res.reservation_id, "committed", record_id, response))
     held[(tenant_id, res.reservation_id)] = replace(
         res, status="committed", commit_response=response
     )
     return result
+
+
+def _release_one(state: _Tenant, req: ReleaseRequest, held: Held, writes: BatchWrites) -> bool:
+    """One Release, as QuotaEngine._release decides it: an active reservation's amount
+    leaves the counters' `reserved` and its hold the wallet; any other answers False."""
+    tenant_id = req.tenant_id
+    res = held.get((tenant_id, req.reservation_id))
+    if res is None:
+        raise unknown_reservation(tenant_id, req.reservation_id)
+    if res.status != "active":
+        return False
+    for k in res.windows:
+        decisions.add_delta(state.counts, k, 0, -res.amount)
+    if res.held_micros:
+        balance, on_hold = state.wallet or (0, 0)
+        state.wallet = writes.wallets[tenant_id] = (balance, on_hold - res.held_micros)
+    writes.finished.append((tenant_id, res.reservation_id, "released", None, None))
+    held[(tenant_id, res.reservation_id)] = replace(res, status="released")
+    return True
 
 
 def _debit(

@@ -4,7 +4,7 @@ Each use case is one transaction on one connection: validate → claim the reque
 load the tenant's plan → lock rows in the global order (see db/quota_store.py) → decide
 with the pure rules of limits.py → write counters, record, ledger and key together.
 A denial, dry run or error rolls everything back, so nothing is written for them.
-The coalescing sidecar decides CheckAndConsume, Reserve and Commit many at a time
+The coalescing sidecar decides CheckAndConsume, Reserve, Commit and Release many at a time
 (run_batch, with quota_batch.py), exactly as these one-by-one use cases would.
 """
 
@@ -189,8 +189,8 @@ class QuotaEngine:
         return await self._run(lambda conn: self._admit(conn, req))
 
     async def run_batch(self, reqs: Sequence[Request]) -> list[Result]:
-        """Decide many CheckAndConsume, Reserve (ReserveRequest) and Commit requests in one
-        transaction, in the given order, exactly as one-by-one calls would: set-based
+        """Decide many CheckAndConsume, Reserve (ReserveRequest), Commit and Release requests
+        in one transaction, in the given order, exactly as one-by-one calls would: set-based
         (quota_batch.decide_batch), with tenants that have lazily expiring state decided
         one by one in savepoints; one commit for all. When the batch as a whole fails, each
         request is retried on its own, so one bad request never fails its neighbours."""
@@ -265,12 +265,20 @@ class QuotaEngine:
         """consume, or reserve for a ReserveRequest."""
         return self.reserve(req) if isinstance(req, ReserveRequest) else self.consume(req)
 
-    def one(self, req: Request) -> Awaitable[Decision | CommitResult]:
-        """A request of a batch on its own: admit, or commit for a CommitRequest."""
-        return self.commit(req) if isinstance(req, CommitRequest) else self.admit(req)
+    def one(self, req: Request) -> Awaitable[Decision | CommitResult | bool]:
+        """A request of a batch on its own: admit, commit or release."""
+        if isinstance(req, CommitRequest):
+            return self.commit(req)
+        if isinstance(req, ReleaseRequest):
+            return self.release(req)
+        return self.admit(req)
 
-    def _decide(self, conn: Conn, req: Request) -> Awaitable[Decision | CommitResult]:
-        return self._commit(conn, req) if isinstance(req, CommitRequest) else self._admit(conn, req)
+    def _decide(self, conn: Conn, req: Request) -> Awaitable[Decision | CommitResult | bool]:
+        if isinstance(req, CommitRequest):
+            return self._commit(conn, req)
+        if isinstance(req, ReleaseRequest):
+            return self._release(conn, req.tenant_id, req.reservation_id, "released")
+        return self._admit(conn, req)
 
     async def _admit(self, conn: Conn, req: ConsumeRequest) -> Decision:
         now = self._clock.now()

@@ -1,5 +1,5 @@
-"""Request coalescing for CheckAndConsume, Reserve and Commit: concurrent requests share
-one transaction.
+"""Request coalescing for CheckAndConsume, Reserve, Commit and Release: concurrent requests
+share one transaction.
 
 Requests go to a lane chosen by tenant, so one tenant's requests are always decided in
 arrival order by the same lane. A lane takes whatever has queued up while its previous
@@ -27,9 +27,15 @@ from dataclasses import dataclass, field
 from billing_core.errors import QuotaError
 from billing_core.quota_batch import Request
 from billing_core.quota_engine import QuotaEngine
-from billing_core.usage import CommitRequest, CommitResult, ConsumeRequest, Decision
+from billing_core.usage import (
+    CommitRequest,
+    CommitResult,
+    ConsumeRequest,
+    Decision,
+    ReleaseRequest,
+)
 
-_Item = tuple[Request, "asyncio.Future[Decision | CommitResult]"]
+_Item = tuple[Request, "asyncio.Future[Decision | CommitResult | bool]"]
 
 
 @dataclass
@@ -79,11 +85,17 @@ class Coalescer:
         assert isinstance(result, CommitResult)
         return result
 
-    async def _decide(self, req: Request) -> Decision | CommitResult:
+    async def release(self, req: ReleaseRequest) -> bool:
+        result = await self._decide(req)
+        assert isinstance(result, bool)
+        return result
+
+    async def _decide(self, req: Request) -> Decision | CommitResult | bool:
         if not self._lanes:
             return await self.engine.one(req)
         lane = self._lanes[zlib.crc32(req.tenant_id.encode()) % len(self._lanes)]
-        future: asyncio.Future[Decision | CommitResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decision | CommitResult | bool] = loop.create_future()
         lane.queue.put_nowait((req, future))
         if lane.wake is not None and lane.queue.qsize() >= lane.want:
             _resolve(lane.wake)

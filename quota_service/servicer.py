@@ -39,7 +39,8 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "quota_coalesced_batch_size",
-            "CheckAndConsume, Reserve and Commit requests decided together in one transaction",
+            "CheckAndConsume, Reserve, Commit and Release requests decided together in one"
+            " transaction",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
@@ -72,9 +73,10 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         self, engine: QuotaEngine, metrics: Metrics, coalescer: Coalescer | None = None
     ) -> None:
         self._engine = engine
-        # CheckAndConsume, Reserve and Commit: with their lane's batch, or one by one
+        # CheckAndConsume, Reserve, Commit and Release: with their lane's batch, or one by one
         self._admit = coalescer.admit if coalescer is not None else engine.admit
         self._commit = coalescer.commit if coalescer is not None else engine.commit
+        self._release = coalescer.release if coalescer is not None else engine.release
         self._metrics = metrics
 
     async def _call(
@@ -137,7 +139,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[pb.ReleaseRequest, pb.ReleaseResponse],
     ) -> pb.ReleaseResponse:
         async def work() -> pb.ReleaseResponse:
-            released = await self._engine.release(convert.release_request(request))
+            released = await self._release(convert.release_request(request))
             return pb.ReleaseResponse(released=released)
 
         return await self._call("Release", context, work)  # type: ignore[arg-type]

@@ -329,8 +329,11 @@ class BatchWrites:
     dropped: list[TenantKey] = field(default_factory=list)  # created, then nothing used them
     records: list[tuple[str, UsageRecordRow]] = field(default_factory=list)
     reservations: list[NewReservation] = field(default_factory=list)
-    # committed reservations: tenant, reservation_id, usage_record_id, commit_response
-    committed: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
+    # reservations committed or released: tenant, reservation_id, status, usage_record_id,
+    # commit_response (the last two None for a release)
+    finished: list[tuple[str, str, str, str | None, dict[str, Any] | None]] = field(
+        default_factory=list
+    )
     debits: list[tuple[str, str, int]] = field(default_factory=list)  # tenant, grant, micros
     # tenant, grant, kind, delta_micros, usage_record_id, reason — in order
     ledger: list[tuple[str, str, str, int, str | None, str]] = field(default_factory=list)
@@ -385,11 +388,12 @@ _WRITE_PARTS = {
     FROM jsonb_array_elements(%(reservations)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
 """,
-    "committed": """
-    UPDATE reservations r SET status = 'committed', finished_at = %(now)s::timestamptz,
-                              usage_record_id = v.e->>2, commit_response = v.e->3
+    "finished": """
+    UPDATE reservations r SET status = v.e->>2, finished_at = %(now)s::timestamptz,
+                              usage_record_id = v.e->>3,
+                              commit_response = nullif(v.e->4, 'null'::jsonb)
     FROM (SELECT u.e, x.ctid AS row_id
-            FROM jsonb_array_elements(%(committed)s::jsonb) AS u(e),
+            FROM jsonb_array_elements(%(finished)s::jsonb) AS u(e),
                  LATERAL (SELECT ctid FROM reservations x
                            WHERE x.tenant_id = u.e->>0 AND x.reservation_id = u.e->>1
                            LIMIT 1) x) v
@@ -477,9 +481,9 @@ def send_writes(wire: Wire, w: BatchWrites, now: datetime, expires_at: datetime)
     if w.reservations:
         parts.append("reservations")
         values["reservations"] = _json([_reservation_json(r) for r in w.reservations])
-    if w.committed:
-        parts.append("committed")
-        values["committed"] = _json([list(c) for c in w.committed])
+    if w.finished:
+        parts.append("finished")
+        values["finished"] = _json([list(c) for c in w.finished])
     if debits:
         parts.append("grants")
         values["debits"] = _json([[t, g, m] for (t, g), m in sorted(debits.items())])

@@ -32,6 +32,7 @@ from billing_core.usage import (
     ConsumeRequest,
     Decision,
     FreeRequest,
+    ReleaseRequest,
     ReserveRequest,
     UsageRequest,
 )
@@ -159,11 +160,15 @@ async def _settled(
 
 
 async def _batches(engine: QuotaEngine, rng: random.Random, count: int, tenants: int) -> None:
-    """Batches of CheckAndConsume and Reserve, and Commits of the last batch's reservations."""
+    """Batches of CheckAndConsume and Reserve, and Commits and Releases of the last batch's
+    reservations."""
     answers: list[Any] = []
     held: list[tuple[str, str]] = []
     for batch in range(count):
-        reqs: list[Request] = [CommitRequest(t, r, 1) for t, r in held]
+        reqs: list[Request] = [
+            CommitRequest(t, r, 1) if k % 2 else ReleaseRequest(t, r)
+            for k, (t, r) in enumerate(held)
+        ]
         for i in range(rng.randint(1, 24)):
             tenant = f"g-{rng.randint(1, tenants)}"
             request_id = f"b{batch}-{rng.random()}-{i}"
@@ -183,7 +188,8 @@ async def _batches(engine: QuotaEngine, rng: random.Random, count: int, tenants:
             if isinstance(a, Decision) and a.reservation_id
         ]
     assert answers and all(
-        isinstance(a, CommitResult) or (isinstance(a, Decision) and a.allowed) for a in answers
+        a is True or isinstance(a, CommitResult) or (isinstance(a, Decision) and a.allowed)
+        for a in answers
     ), answers
 
 

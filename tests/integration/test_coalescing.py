@@ -46,6 +46,8 @@ def outcome(result: Result) -> Any:
     if isinstance(result, QuotaError):  # without the side's tenant and reservation ids
         message = re.sub(r"rsv_\w+", "rsv_", re.sub(r"'(one|many)(\d)-", r"'\2-", result.message))
         return (type(result).__name__, message)
+    if isinstance(result, bool):  # a Release
+        return result
     data = {**result.to_json(), "replayed": result.replayed}
     data.pop("usage_record_id", None)
     data.pop("reservation_id", None)
@@ -122,9 +124,12 @@ requests = st.lists(
         st.integers(0, 12),  # request id: small range → retries of earlier ids
         st.booleans(),  # dry run
         st.integers(0, 9),  # 0: a model without a price
-        # a Reserve or a Commit rather than a CheckAndConsume; a Commit's request id picks a
-        # reservation of an earlier batch (its dry-run flag: asked by another tenant)
-        st.sampled_from(["consume", "consume", "reserve", "reserve", "commit", "commit"]),
+        # a Reserve, Commit or Release rather than a CheckAndConsume; a Commit's or Release's
+        # request id picks a reservation of an earlier batch (its dry-run flag: asked by
+        # another tenant)
+        st.sampled_from(
+            ["consume", "consume", "reserve", "reserve", "commit", "commit", "release"]
+        ),
     ),
     min_size=1,
     max_size=60,
@@ -168,6 +173,23 @@ HOLD_BACK: list[Item] = [
 ]
 
 
+# Releases: of a reservation with a hold, twice, then its Commit; of a committed one; by
+# another tenant; of the reservation that expired before; with a new Reserve alongside
+RELEASES: list[Item] = [
+    (0, "tokens", 40, 1, False, 1, "reserve"),
+    (0, "messages", 5, 2, False, 1, "reserve"),
+    (0, "tokens", 5, 3, False, 1, "reserve"),
+    (0, "tokens", 0, 1, False, 1, "release"),
+    (0, "tokens", 0, 1, False, 1, "release"),
+    (0, "tokens", 7, 1, False, 1, "commit"),
+    (0, "messages", 3, 2, False, 1, "commit"),
+    (0, "messages", 0, 2, False, 1, "release"),
+    (2, "tokens", 0, 3, True, 1, "release"),
+    (0, "tokens", 0, 0, False, 1, "release"),
+    (0, "tokens", 9, 4, False, 1, "reserve"),
+]
+
+
 def _batch_of(size: int, cuts: list[int]) -> list[int]:
     """The batch each position of a workload falls in, cut as the test cuts it."""
     sizes: list[int] = []
@@ -187,6 +209,7 @@ def _batch_of(size: int, cuts: list[int]) -> list[int]:
 @given(workload=requests, cuts=st.lists(st.integers(1, 20), min_size=1, max_size=10))
 @example(workload=RESERVES, cuts=[10])
 @example(workload=HOLD_BACK, cuts=[3])
+@example(workload=RELEASES, cuts=[3])
 async def test_batches_decide_exactly_like_one_by_one(
     pool: Pool, workload: list[Item], cuts: list[int]
 ) -> None:
@@ -236,7 +259,8 @@ async def test_batches_decide_exactly_like_one_by_one(
         tokens = None
         if resource == "tokens":
             tokens = TokenUsage("p", MODEL if model else "unpriced", amount * 2, 0)
-        if kind == "commit":  # of a reservation made in an earlier batch, or the expired one
+        if kind in ("commit", "release"):  # of a reservation of an earlier batch, or the
+            # expired one
             earlier_ones = [
                 q for q in range(p) if workload[q][6] == "reserve" and batch_of[q] < batch_of[p]
             ]
@@ -251,6 +275,8 @@ async def test_batches_decide_exactly_like_one_by_one(
                 else f"rsv_none{q}"
             )
             tenant = names[side][who if dry else owner]
+            if kind == "release":
+                return ReleaseRequest(tenant, reservation_id)
             return CommitRequest(tenant, reservation_id, amount, tokens)
         if kind == "reserve":
             return ReserveRequest(
@@ -313,8 +339,9 @@ async def test_the_coalescing_sidecar_is_exact_under_64_callers(
 async def test_reserve_and_commit_through_the_coalescing_sidecar_are_exact_under_64_callers(
     sidecar: QuotaServer, pool: Pool, uid: str
 ) -> None:
-    """Each caller reserves 3 and commits 2 (then commits again: a replay); 1,000 a day
-    admits about 500 of the 640 Reserves, and nothing stays reserved."""
+    """Each caller reserves 3 and commits 2 (then commits again: a replay), or releases
+    every fifth reservation (twice: the second finds it released); about 500 Reserves
+    commit before 1,000 a day is reached, and nothing stays reserved."""
     assert sidecar.coalescer is not None
     plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 1000)])
     t = await f.tenant(pool, START, f"rc-{uid}", plan)
@@ -326,6 +353,10 @@ async def test_reserve_and_commit_through_the_coalescing_sidecar_are_exact_under
             for i in range(10):
                 held = await client.reserve(t, "tool_calls", 3, request_id=f"{c}-{i}")
                 if not held.allowed:
+                    continue
+                if i % 5 == 4:
+                    assert (await client.release(t, held.reservation_id)).released
+                    assert not (await client.release(t, held.reservation_id)).released
                     continue
                 first = await held.commit(2)
                 again = await client.commit(t, held.reservation_id, 2)
@@ -345,10 +376,13 @@ async def test_reserve_and_commit_through_the_coalescing_sidecar_are_exact_under
         t,
         t,
     )
-    # a reservation of 3 fits while the day's level is at most 997; each leaves 2 behind
-    assert (used, reserved, records, open_reservations) == (committed, 0, committed, 0)
-    assert 998 <= committed <= 1000 and committed % 2 == 0
-    # Reserve and Commit went through the lanes (3 calls a success, 1 a denial)
+    assert (used, reserved, records) == (committed, 0, committed)
+    [(released,)] = await f.fetch(
+        pool, "SELECT count(*) FROM reservations WHERE tenant_id = %s AND status = 'released'", t
+    )
+    assert open_reservations == released  # none left active
+    assert 900 < committed <= 1000 and committed % 2 == 0
+    # Reserve, Commit and Release went through the lanes
     assert sidecar.coalescer.requests - before >= 64 * 10
 
 
@@ -533,9 +567,10 @@ async def test_batched_commits_racing_one_by_one_commits_and_releases_settle_eac
     database_url: str, pool: Pool, uid: str
 ) -> None:
     """Two sidecars at once (one batching on its own connection, one deciding one by one):
-    for each reservation a batched Commit races a one-by-one Commit of the same values and a
-    Release. Each reservation ends committed once (both Commits answer with the same
-    record) or released (both Commits refused); nothing stays reserved or is counted twice."""
+    for each reservation a batched Commit races a one-by-one Commit of the same values or a
+    Release, or a batched Release races a one-by-one Commit. Each reservation ends committed
+    once (both Commits answer with the same record) or released (the Commit refused);
+    nothing stays reserved or is counted twice."""
     lane = await open_pool(database_url, 1)
     try:
         clock = FrozenClock(START)
@@ -558,13 +593,19 @@ async def test_batched_commits_racing_one_by_one_commits_and_releases_settle_eac
 
         for start in range(0, len(held), 8):  # batches of 8 against 8 single calls
             chunk = held[start : start + 8]
+            batch: list[Request] = [
+                ReleaseRequest(t, r) if (start + j) % 3 == 2 else CommitRequest(t, r, 4)
+                for j, r in enumerate(chunk)
+            ]
             batched, *singles = await asyncio.gather(
-                batching.run_batch([CommitRequest(t, r, 4) for r in chunk]),
+                batching.run_batch(batch),
                 *(one_by_one(r, start + j) for j, r in enumerate(chunk)),
             )
             for j, (mine, theirs) in enumerate(zip(batched, singles, strict=True)):
-                if (start + j) % 3 == 0:  # raced a Release: exactly one of them won
+                if (start + j) % 3 == 0:  # a Commit raced a Release: exactly one of them won
                     assert isinstance(mine, CommitResult) != (theirs is True), (mine, theirs)
+                elif (start + j) % 3 == 2:  # a Release raced a Commit: the same
+                    assert (mine is True) != isinstance(theirs, CommitResult), (mine, theirs)
                 else:  # raced a Commit: one record, answered twice
                     assert isinstance(mine, CommitResult) and isinstance(theirs, CommitResult)
                     assert mine.usage_record_id == theirs.usage_record_id
