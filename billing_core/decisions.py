@@ -33,7 +33,7 @@ from billing_core.limits import (
 from billing_core.periods import Window
 from billing_core.pricing import TokenUsage
 from billing_core.resources import Overage
-from billing_core.usage import CommitResult, ConsumeRequest, Decision, WindowView
+from billing_core.usage import CommitRequest, CommitResult, ConsumeRequest, Decision, WindowView
 
 Counts = Mapping[CounterKey, tuple[int, int]]
 K = TypeVar("K")
@@ -270,6 +270,35 @@ def consume_record(
         cost,
         charge,
         False,
+        req.labels,
+        now,
+    )
+
+
+def commit_record(
+    req: CommitRequest,
+    res: ReservationRow,
+    record_id: str,
+    plan_id: str | None,
+    cost: int,
+    paid: int,
+    over_limit: bool,
+    now: datetime,
+) -> UsageRecordRow:
+    """The usage record of a Commit: over the limit when it went past a blocking quota, or
+    the wallet could not pay all it owed."""
+    return UsageRecordRow(
+        record_id,
+        res.resource,
+        req.amount,
+        "commit",
+        res.request_id,
+        res.reservation_id,
+        plan_id,
+        *token_fields(req.tokens),
+        cost,
+        paid,
+        over_limit,
         req.labels,
         now,
     )

@@ -46,7 +46,6 @@ from billing_core.db.quota_store import (
     PlanOffer,
     ReservationRow,
     TenantContext,
-    UsageRecordRow,
     unknown_reservation,
 )
 from billing_core.db.wire import Wire
@@ -54,7 +53,7 @@ from billing_core.errors import QuotaError
 from billing_core.ids import new_id
 from billing_core.limits import Quota, Reason, decide
 from billing_core.periods import Window, tenant_zone, window_for
-from billing_core.pricing import ModelPrice, cost_micros, missing_price
+from billing_core.pricing import ModelPrice, TokenUsage, cost_micros, missing_price
 from billing_core.resources import Overage, Period
 from billing_core.usage import (
     CommitRequest,
@@ -377,12 +376,7 @@ def _decide_one(
                 raise decisions.reused_request_id(req.request_id, operation)
             return Decision.from_json(response, replayed=True)
     ctx = state.ctx
-    cost = 0
-    if req.tokens is not None:
-        price = prices.get((req.tokens.provider, req.tokens.model))
-        if price is None:
-            raise missing_price(req.tokens.provider, req.tokens.model, now)
-        cost = cost_micros(req.tokens, price)
+    cost = _cost(req.tokens, prices, now)
     quotas, windows = state.plan(req.resource, now, shared)
     counts = state.counts
     verdict = decisions.gate(ctx, quotas, now, past_due_grace)
@@ -494,12 +488,7 @@ def _commit_one(
     settled = decisions.settled_commit(res, fingerprint)
     if settled is not None:
         return settled
-    cost = 0
-    if req.tokens is not None:
-        price = prices.get((req.tokens.provider, req.tokens.model))
-        if price is None:
-            raise missing_price(req.tokens.provider, req.tokens.model, now)
-        cost = cost_micros(req.tokens, price)
+    cost = _cost(req.tokens, prices, now)
     ctx = state.ctx
     quotas, windows = state.plan(res.resource, now, shared)
     live = res.status == "active"  # its amount is still in the counters
@@ -538,32 +527,27 @@ def _commit_one(
         _debit(state, tenant_id, taken, record_id, writes)
         state.wallet = writes.wallets[tenant_id] = wallet
         state.spent += paid
-    writes.records.append(
-        (
-            tenant_id,
-            UsageRecordRow(
-                record_id,
-                res.resource,
-                req.amount,
-                "commit",
-                res.request_id,
-                res.reservation_id,
-                ctx.plan_id,
-                *decisions.token_fields(req.tokens),
-                cost,
-                paid,
-                over_limit or paid < charge,
-                req.labels,
-                now,
-            ),
-        )
-    )
+    over = over_limit or paid < charge
+    record = decisions.commit_record(req, res, record_id, ctx.plan_id, cost, paid, over, now)
+    writes.records.append((tenant_id, record))
     response = {**result.to_json(), "fingerprint": fingerprint}
     writes.finished.append((tenant_id, res.reservation_id, "committed", record_id, response))
     held[(tenant_id, res.reservation_id)] = replace(
         res, status="committed", commit_response=response
     )
     return result
+
+
+def _cost(
+    tokens: TokenUsage | None, prices: dict[tuple[str, str], ModelPrice], now: datetime
+) -> int:
+    """What the tokens cost at the price in effect (missing_price when there is none)."""
+    if tokens is None:
+        return 0
+    price = prices.get((tokens.provider, tokens.model))
+    if price is None:
+        raise missing_price(tokens.provider, tokens.model, now)
+    return cost_micros(tokens, price)
 
 
 def _release_one(state: _Tenant, req: ReleaseRequest, held: Held, writes: BatchWrites) -> bool:

@@ -33,7 +33,6 @@ from billing_core.db.wire import BEGIN, COMMIT, FORGOTTEN, Statement, Wire
 from billing_core.decisions import (
     add_delta,
     consume_record,
-    token_fields,
     window_counts,
     window_views,
 )
@@ -524,25 +523,11 @@ class QuotaEngine:
             for k in keys:
                 add_delta(deltas, k, req.amount, 0)
             await store.add_to_counters(conn, req.tenant_id, deltas)
-            await store.insert_usage_record(
-                conn,
-                req.tenant_id,
-                UsageRecordRow(
-                    record_id,
-                    res.resource,
-                    req.amount,
-                    "commit",
-                    res.request_id,
-                    res.reservation_id,
-                    ctx.plan_id,
-                    *token_fields(req.tokens),
-                    cost,
-                    paid,
-                    over_limit or paid < charge,
-                    req.labels,
-                    now,
-                ),
+            over = over_limit or paid < charge
+            record = decisions.commit_record(
+                req, res, record_id, ctx.plan_id, cost, paid, over, now
             )
+            await store.insert_usage_record(conn, req.tenant_id, record)
             ev = _Evaluation(
                 ctx, quotas, windows, counts, [], cost, Verdict(True, Reason.ALLOWED), None
             )
