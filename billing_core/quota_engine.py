@@ -254,6 +254,9 @@ class QuotaEngine:
                 except psycopg.Error as err:  # this request alone: its neighbours stand
                     log.error("request_failed", tenant_id=reqs[i].tenant_id, error=str(err))
                     results[i] = Unavailable(f"the database refused the request: {err}")
+                except Exception as err:  # a bug: this request fails (INTERNAL), loudly, alone
+                    log.exception("request_failed", tenant_id=reqs[i].tenant_id)
+                    results[i] = QuotaError(f"internal error ({type(err).__name__}), logged")
         return [results[i] for i in range(len(reqs))]
 
     async def reserve(self, req: ReserveRequest) -> Decision:

@@ -447,6 +447,37 @@ async def test_a_failing_batch_is_decided_one_by_one(
     ]
 
 
+async def test_a_bug_that_fails_one_request_alone_fails_only_that_request(
+    pool: Pool, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch path fails, and so does one request's one-by-one retry with an unexpected
+    error: that request gets an internal error, its neighbours their answers."""
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the batch path")
+
+    monkeypatch.setattr(quota_engine, "decide_batch", broken)
+    engine = QuotaEngine(pool, FrozenClock(START), QuotaRules())
+    plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 5)])
+    t = await f.tenant(pool, START, f"bug-{uid}", plan)
+    one = engine.one
+
+    async def one_but_b1(req: Request) -> Any:
+        if isinstance(req, ConsumeRequest) and req.request_id == "b1":
+            raise ValueError("a bug for this request")
+        return await one(req)
+
+    engine.one = one_but_b1  # type: ignore[method-assign]
+    results = await engine.run_batch(
+        [ConsumeRequest(t, "tool_calls", 1, f"b{i}") for i in range(3)]
+    )
+    assert [r.allowed if isinstance(r, Decision) else outcome(r) for r in results] == [
+        True,
+        ("QuotaError", "internal error (ValueError), logged"),
+        True,
+    ]
+
+
 async def test_a_changed_plan_is_enforced_by_the_very_next_batch(pool: Pool, uid: str) -> None:
     """A batch locks with its reads the rows the tenant's last shape predicts; after a plan
     change the prediction is wrong, and the batch still decides by the new plan (locking
