@@ -47,6 +47,9 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
         "hot, reserve+commit",
     }
     assert all(r["calls_per_s"] > 0 and r["errors"] == 0 for r in report["results"])
+    # Reserve + Commit by both sidecars: what coalescing them gives, in the same run
+    pairs = {r["server"] for r in report["results"] if r["scenario"] == "hot, reserve+commit"}
+    assert pairs == {"sidecar", "sidecar (no coalescing)"}
     assert report["meta"]["correctness"] == {
         "windows_not_matching_records": 0,
         "windows_over_limit": 0,
