@@ -510,9 +510,8 @@ class QuotaEngine:
             record_id = new_id("ur", now)
             if charge or held_back:
                 wallet_balance, held = await store.lock_wallet(conn, req.tenant_id, now)
-                paid = max(
-                    0, min(charge, wallet_balance - (held - held_back))
-                )  # holds can outlast credits
+                # holds can outlast the credits behind them: never a negative payment
+                paid = max(0, min(charge, wallet_balance - (held - held_back)))
                 balance = await store.change_wallet(
                     conn,
                     req.tenant_id,
