@@ -1,5 +1,5 @@
-"""Set-based SQL for deciding a batch of CheckAndConsume, Reserve and Commit requests in
-one transaction.
+"""Set-based SQL for deciding a batch of CheckAndConsume, Reserve, Commit and Release
+requests in one transaction.
 
 Every statement covers all tenants of the batch at once. Reads come in two steps — `send_*`
 queues the statement on the batch's Wire (libpq's pipeline, db/wire.py) and returns a
@@ -33,6 +33,7 @@ from billing_core.db.quota_store import (
     context_from_row,
     offers_from_json,
     reservation_from_row,
+    reservation_windows,
 )
 from billing_core.db.wire import Statement, Wire
 from billing_core.pricing import ModelPrice
@@ -170,7 +171,7 @@ def _record_json(tenant_id: str, r: UsageRecordRow) -> list[Any]:
 
 
 def _reservation_json(r: NewReservation) -> list[Any]:
-    windows = [{"period": p.value, "window_start": start.isoformat()} for _, p, start in r.windows]
+    windows = reservation_windows(r.windows)
     return [r.tenant_id, r.reservation_id, r.request_id, r.resource, r.amount, windows,
             r.held_micros, dict(r.labels), r.expires_at.isoformat()]  # fmt: skip
 
@@ -179,7 +180,7 @@ def _order(key: TenantKey) -> tuple[str, str, int, datetime]:
     return key[0], key[1], PERIOD_ORDER[key[2]], key[3]
 
 
-# The reservations a batch commits, locked before anything else (the global lock order:
+# The reservations a batch commits or releases, locked before anything else (the global lock order:
 # reservation, counters, wallet, grants), each looked up by its primary key.
 _LOCK_RESERVATIONS = Statement("""
 WITH locked AS (
@@ -205,7 +206,7 @@ def send_reservations(
     async def result() -> dict[tuple[str, str], ReservationRow]:
         found = {}
         for tenant_id, *row in orjson.loads(await wire.value(slot) or b""):
-            row[7] = _timestamp(row[7])
+            row[7] = _timestamp(row[7])  # expires_at (quota_store._RESERVATION_COLUMNS)
             found[(tenant_id, row[0])] = reservation_from_row(row)
         return found
 

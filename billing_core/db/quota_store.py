@@ -230,6 +230,11 @@ _RESERVATION_COLUMNS = (
 )
 
 
+def reservation_windows(windows: Iterable[CounterKey]) -> list[dict[str, str]]:
+    """A reservation's counter windows as its `windows` column holds them."""
+    return [{"period": p.value, "window_start": start.isoformat()} for _, p, start in windows]
+
+
 def reservation_from_row(row: Sequence[Any]) -> ReservationRow:
     rid, request_id, resource, amount, windows, held, status, expires_at, response = row
     return ReservationRow(
@@ -324,7 +329,7 @@ async def insert_reservation(
             request_id,
             resource,
             amount,
-            Jsonb([{"period": p.value, "window_start": ws.isoformat()} for _, p, ws in windows]),
+            Jsonb(reservation_windows(windows)),
             held_micros,
             Jsonb(dict(labels)),
             expires_at,

@@ -54,6 +54,13 @@ def outcome(result: Result) -> Any:
     return repr(sorted(data.items()))
 
 
+def _break_the_batch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the batch path")
+
+    monkeypatch.setattr(quota_engine, "decide_batch", broken)
+
+
 def _without_fallback(engine: QuotaEngine) -> None:
     """A batch that fails and falls back to one-by-one calls fails the test instead."""
 
@@ -428,10 +435,7 @@ async def test_a_failing_batch_is_decided_one_by_one(
 ) -> None:
     """Whatever breaks the set-based path, every caller still gets its own answer."""
 
-    async def broken(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("a bug in the batch path")
-
-    monkeypatch.setattr(quota_engine, "decide_batch", broken)
+    _break_the_batch_path(monkeypatch)
     engine = QuotaEngine(pool, FrozenClock(START), QuotaRules())
     plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 2)])
     t = await f.tenant(pool, START, f"broken-{uid}", plan)
@@ -453,10 +457,7 @@ async def test_a_bug_that_fails_one_request_alone_fails_only_that_request(
     """The batch path fails, and so does one request's one-by-one retry with an unexpected
     error: that request gets an internal error, its neighbours their answers."""
 
-    async def broken(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("a bug in the batch path")
-
-    monkeypatch.setattr(quota_engine, "decide_batch", broken)
+    _break_the_batch_path(monkeypatch)
     engine = QuotaEngine(pool, FrozenClock(START), QuotaRules())
     plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 5)])
     t = await f.tenant(pool, START, f"bug-{uid}", plan)
