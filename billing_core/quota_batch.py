@@ -79,6 +79,9 @@ class BatchOutcome:
     # answers of the batched requests; denials get their upgrade offer in finish()
     results: dict[int, Result]
     one_by_one: list[int]  # positions left to the one-by-one path
+    # tenants left to it for lazily expiring state (an expired reservation, a due grant):
+    # once that is cleared (QuotaEngine.tidy), their calls are decided set-based again
+    untidy: set[str]
     finish: Callable[[], Awaitable[None]]  # after the writes were sent: fetch what they return
 
 
@@ -217,14 +220,18 @@ async def decide_batch(
 
     tenants: dict[str, _Tenant] = {}
     one_by_one: list[int] = []
+    untidy: set[str] = set()
     fast: list[int] = []
     remembered = sorted({*asked, *(r.resource for r in held.values())})
     for ctx in contexts.values():
         memo.remember(ctx, remembered)
     for i, req in enumerate(reqs):
         found = contexts.get(req.tenant_id)
-        if found is None or found.has_expired_reservations or found.has_due_grants:
+        if found is None:
+            one_by_one.append(i)  # an unknown tenant: its error
+        elif found.has_expired_reservations or found.has_due_grants:
             one_by_one.append(i)
+            untidy.add(req.tenant_id)
         else:
             fast.append(i)
             tenants.setdefault(req.tenant_id, _Tenant(found))
@@ -307,7 +314,7 @@ async def decide_batch(
                 upgrade = decisions.choose_upgrade(denial, req.amount, found)
             results[i] = replace(denial, upgrade_plan_id=upgrade)
 
-    return BatchOutcome(results, one_by_one, finish)
+    return BatchOutcome(results, one_by_one, untidy, finish)
 
 
 def _locks(

@@ -148,6 +148,11 @@ class QuotaEngine:
         self._clock = clock
         self._rules = rules
         self._shapes = ShapeMemo()
+        # tenants whose calls a batch left to the one-by-one path for lazily expiring state;
+        # `untidy_found` is set while there are any (the sidecar's sweep waits on it)
+        self._untidy: set[str] = set()
+        self.untidy_found = asyncio.Event()
+        self.decided_alone = 0  # requests of batches decided one by one (for metrics, tests)
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -224,6 +229,10 @@ class QuotaEngine:
                     await wire.sync()
                     await outcome.finish()
                 done = {valid[j]: result for j, result in outcome.results.items()}
+                self.decided_alone += len(outcome.one_by_one)
+                if outcome.untidy:
+                    self._untidy |= outcome.untidy
+                    self.untidy_found.set()
                 if outcome.one_by_one:  # in the same transaction, in savepoints
                     async with (
                         conn.pipeline() as pipe,
@@ -575,10 +584,13 @@ class QuotaEngine:
             await store.finish_reservations(conn, tenant_id, [reservation_id], status, now)
             return True
 
-    async def sweep_expired(self, limit: int = 500) -> int:
-        """Release reservations past their expiry (the periodic half of lazy expiry)."""
+    async def sweep_expired(self, limit: int = 500, tenant_ids: Sequence[str] | None = None) -> int:
+        """Release reservations past their expiry (the periodic half of lazy expiry), of
+        `tenant_ids` only when given."""
         now = self._clock.now()
-        due = await self._run(lambda conn: store.expired_reservation_ids(conn, now, limit))
+        due = await self._run(
+            lambda conn: store.expired_reservation_ids(conn, now, limit, tenant_ids)
+        )
         swept = 0
         for tenant_id, reservation_id in due:
             work = partial(
@@ -587,6 +599,39 @@ class QuotaEngine:
             if await self._run(work):
                 swept += 1
         return swept
+
+    async def sweep_due_grants(
+        self, limit: int = 500, tenant_ids: Sequence[str] | None = None
+    ) -> int:
+        """Mark grants past their expiry as expired, their remainder leaving the balance with
+        a ledger entry (what locking the wallet does lazily, for tenants whose calls never
+        reach their wallet); of `tenant_ids` only when given. Returns how many expired."""
+        now = self._clock.now()
+        due = await self._run(lambda conn: store.due_grant_tenants(conn, now, limit, tenant_ids))
+        expired = 0
+        for tenant_id in due:
+
+            async def expire(conn: Conn, tenant_id: str = tenant_id) -> int:
+                async with _transaction(conn):
+                    return await store.expire_due_grants(conn, tenant_id, now)
+
+            expired += await self._run(expire)
+        return expired
+
+    def take_untidy(self) -> list[str]:
+        """The tenants batches found with lazily expiring state since the last call."""
+        untidy, self._untidy = sorted(self._untidy), set()
+        self.untidy_found.clear()
+        return untidy
+
+    async def tidy(self, tenant_ids: Sequence[str]) -> tuple[int, int]:
+        """Release the tenants' expired reservations and expire their due grants now, so
+        that batches decide their calls set-based again (until then each goes one by one).
+        Returns (reservations released, grants expired)."""
+        if not tenant_ids:
+            return 0, 0
+        released = await self.sweep_expired(limit=10_000, tenant_ids=tenant_ids)
+        return released, await self.sweep_due_grants(limit=10_000, tenant_ids=tenant_ids)
 
     async def sweep_expired_keys(self, limit: int = 5_000, rounds: int = 20) -> int:
         """Delete idempotency keys past their expiry (IDEMPOTENCY_TTL_HOURS), `limit` per

@@ -30,6 +30,9 @@ from quota_service.servicer import Metrics, QuotaServicer
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
+# the least time between two tidy-ups of tenants that batches found with lazily expiring
+# state: a storm of such batches costs one small sweep per interval, not one per batch
+TIDY_SPACING_S = 0.2
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -116,23 +119,38 @@ class QuotaServer:
             await asyncio.sleep(1.0)
 
     async def _sweep(self) -> None:
-        """Release expired reservations and forget expired idempotency keys, every
-        RESERVATION_SWEEP_SECONDS (several sidecars may sweep at once: they skip each
-        other's rows)."""
+        """Every RESERVATION_SWEEP_SECONDS: release expired reservations, expire grants past
+        their expiry, forget expired idempotency keys (several sidecars may sweep at once:
+        they skip each other's rows). In between, as soon as a batch had to decide a
+        tenant's calls one by one for such state, clear that tenant's (at most every
+        TIDY_SPACING_S), so its calls are batched again within moments, not the period."""
+        loop = asyncio.get_running_loop()
+        period = self.settings.reservation_sweep_seconds
+        due = loop.time() + period
         while True:
-            await asyncio.sleep(self.settings.reservation_sweep_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.engine.untidy_found.wait(), max(0.0, due - loop.time()))
             try:
-                for kind, sweep in (
-                    ("reservations", self.engine.sweep_expired),
-                    ("idempotency_keys", self.engine.sweep_expired_keys),
-                ):
-                    swept = await sweep()
-                    if swept:
-                        log.info("swept", kind=kind, count=swept)
-                        if self.metrics is not None:
-                            self.metrics.swept.labels(kind).inc(swept)
+                released, expired = await self.engine.tidy(self.engine.take_untidy())
+                self._count_swept("reservations", released)
+                self._count_swept("grants", expired)
+                if loop.time() >= due:
+                    due = loop.time() + period
+                    for kind, sweep in (
+                        ("reservations", self.engine.sweep_expired),
+                        ("grants", self.engine.sweep_due_grants),
+                        ("idempotency_keys", self.engine.sweep_expired_keys),
+                    ):
+                        self._count_swept(kind, await sweep())
             except Exception as exc:  # the sweep must outlive a database outage
                 log.warning("sweep_failed", error=str(exc))
+            await asyncio.sleep(TIDY_SPACING_S)
+
+    def _count_swept(self, kind: str, swept: int) -> None:
+        if swept:
+            log.info("swept", kind=kind, count=swept)
+            if self.metrics is not None:
+                self.metrics.swept.labels(kind).inc(swept)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, finish in-flight calls (up to grace), then close."""

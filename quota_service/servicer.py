@@ -46,8 +46,8 @@ class Metrics:
         )
         self.swept = Counter(
             "quota_swept",
-            "Rows the background sweep cleared: expired reservations released, expired"
-            " idempotency keys deleted",
+            "Rows the background sweep cleared: expired reservations released, grants past"
+            " their expiry expired, expired idempotency keys deleted",
             ["kind"],
             registry=registry,
         )

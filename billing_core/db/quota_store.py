@@ -338,13 +338,34 @@ async def insert_reservation(
     )
 
 
-async def expired_reservation_ids(conn: Conn, now: datetime, limit: int) -> list[tuple[str, str]]:
+async def expired_reservation_ids(
+    conn: Conn, now: datetime, limit: int, tenant_ids: Sequence[str] | None = None
+) -> list[tuple[str, str]]:
+    """Up to `limit` reservations past their expiry that still count, oldest first (of
+    `tenant_ids` only, when given)."""
     cur = await conn.execute(
         "SELECT tenant_id, reservation_id FROM reservations"
-        " WHERE status = 'active' AND expires_at <= %s ORDER BY expires_at LIMIT %s",
-        (now, limit),
+        " WHERE status = 'active' AND expires_at <= %s"
+        " AND (%s::text[] IS NULL OR tenant_id = ANY(%s::text[]))"
+        " ORDER BY expires_at LIMIT %s",
+        (now, tenant_ids, tenant_ids, limit),
     )
     return [(r[0], r[1]) for r in await cur.fetchall()]
+
+
+async def due_grant_tenants(
+    conn: Conn, now: datetime, limit: int, tenant_ids: Sequence[str] | None = None
+) -> list[str]:
+    """Up to `limit` tenants with a grant past its expiry that is not marked expired yet (of
+    `tenant_ids` only, when given)."""
+    cur = await conn.execute(
+        "SELECT DISTINCT tenant_id FROM (SELECT tenant_id FROM wallet_grants"
+        " WHERE NOT expired AND expires_at <= %s"
+        " AND (%s::text[] IS NULL OR tenant_id = ANY(%s::text[]))"
+        " ORDER BY expires_at LIMIT %s) g",
+        (now, tenant_ids, tenant_ids, limit),
+    )
+    return sorted(r[0] for r in await cur.fetchall())
 
 
 async def delete_expired_request_ids(conn: Conn, now: datetime, limit: int) -> int:
@@ -586,8 +607,24 @@ async def lock_wallet(
     row = await cur.fetchone()
     assert row is not None
     balance, held = int(row[0]), int(row[1])
-    if not expire_due:
-        return balance, held
+    if expire_due:
+        balance, _ = await _expire_due_grants(conn, tenant_id, balance, held, now)
+    return balance, held
+
+
+async def expire_due_grants(conn: Conn, tenant_id: str, now: datetime) -> int:
+    """Lock the tenant's wallet and expire its grants past their expiry (what lock_wallet
+    does on the way); returns how many were expired."""
+    balance, held = await lock_wallet(conn, tenant_id, now, expire_due=False)
+    _, count = await _expire_due_grants(conn, tenant_id, balance, held, now)
+    return count
+
+
+async def _expire_due_grants(
+    conn: Conn, tenant_id: str, balance: int, held: int, now: datetime
+) -> tuple[int, int]:
+    """Under the wallet's lock: grants past their expiry stop paying, what they had left
+    leaves the balance with a ledger entry. Returns the new balance and how many expired."""
     cur = await conn.execute(
         """
         UPDATE wallet_grants g SET expired = true, remaining_micros = 0
@@ -599,14 +636,15 @@ async def lock_wallet(
         """,
         {"t": tenant_id, "now": now},
     )
-    expired = [(r[0], int(r[1])) for r in await cur.fetchall() if r[1] > 0]
+    rows = await cur.fetchall()
+    expired = [(r[0], int(r[1])) for r in rows if r[1] > 0]
     if expired:
         await _ledger(
             conn, tenant_id, [(g, "expire", -m, None, "grant expired") for g, m in expired], now
         )
         balance -= sum(m for _, m in expired)
         await _set_wallet(conn, tenant_id, balance, held, now)
-    return balance, held
+    return balance, len(rows)
 
 
 async def _set_wallet(conn: Conn, tenant_id: str, balance: int, held: int, now: datetime) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -17,6 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from quota.v1 import quota_service_pb2_grpc
 from quota_client import AsyncQuotaClient, FailureMode, QuotaUnavailable, Tokens, pb
 
+from billing_core import catalog
 from billing_core.catalog import quota
 from billing_core.db.embedded import drop_database, ensure_database
 from billing_core.db.migrate import upgrade
@@ -321,6 +322,41 @@ async def test_the_running_sidecar_forgets_expired_idempotency_keys(server_url: 
         assert swept == 1
         left = await f.fetch(pool, "SELECT request_id FROM idempotency_keys")
         assert left == [("kept",)]
+    finally:
+        await server.stop(grace=1)
+        drop_database(server_url, name)
+
+
+async def test_the_running_sidecar_tidies_a_tenant_its_batches_decided_one_by_one(
+    server_url: str,
+) -> None:
+    """A grant past its expiry sends its tenant's calls one by one; the sidecar expires it
+    right after such a batch, not at the next periodic sweep (an hour away here)."""
+    server, name = await _private_sidecar(server_url, reservation_sweep_seconds=3600)
+    pool = server.pool
+    try:
+        assert server.coalescer is not None
+        plan = await f.plan(pool, NOW, "tidy", [quota("messages", "overall", 10)])
+        t = await f.tenant(pool, NOW, "tidy-tenant", plan)
+        async with pool.connection() as conn:
+            await catalog.grant_credits(
+                conn, t, 70, NOW - timedelta(hours=2), reason="trial",
+                expires_at=NOW - timedelta(hours=1),
+            )  # fmt: skip
+        async with AsyncQuotaClient(target(server)) as client:
+            assert (await client.check_and_consume(t, "messages", 1)).allowed
+            swept: float | None = None
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                swept = server.registry.get_sample_value("quota_swept_total", {"kind": "grants"})
+                if swept:
+                    break
+            assert swept == 1
+            alone = server.engine.decided_alone
+            assert (await client.check_and_consume(t, "messages", 1)).allowed
+            assert server.engine.decided_alone == alone  # batched again
+        balance = await f.fetch(pool, "SELECT balance_micros FROM wallets WHERE tenant_id = %s", t)
+        assert balance == [(0,)]
     finally:
         await server.stop(grace=1)
         drop_database(server_url, name)

@@ -659,3 +659,105 @@ async def test_batched_commits_racing_one_by_one_commits_and_releases_settle_eac
     )
     assert committed + released == 40 and reserved == 0
     assert (used, records) == (4 * committed, committed)
+
+
+async def test_a_tenant_left_one_by_one_for_lapsed_state_is_batched_again_once_tidied(
+    pool: Pool, uid: str
+) -> None:
+    """A grant past its expiry, or a reservation past its expiry on another resource, sends
+    a tenant's calls one by one (only there are they cleared lazily) — for good, when none
+    of its calls ever reaches what needs clearing. The batch names the tenant; tidying it
+    expires the grant (its remainder leaves the balance with a ledger entry) and releases
+    the reservation, and the next batch decides its calls set-based again."""
+    clock = FrozenClock(START)
+    engine = QuotaEngine(pool, clock, QuotaRules())
+    plan = await f.plan(
+        pool, START, uid, [quota("messages", "daily", 100), quota("files", "overall", 10)]
+    )
+    t = await f.tenant(pool, START, f"lapsed-{uid}", plan, credits_micros=500)
+    async with pool.connection() as conn:
+        await catalog.grant_credits(
+            conn, t, 300, START, reason="trial", expires_at=START + timedelta(hours=1)
+        )
+    held = await engine.reserve(ReserveRequest(t, "files", 4, f"{uid}-r", ttl_seconds=60))
+    assert held.allowed
+    clock.advance(timedelta(hours=2))  # both lapsed; messages reach neither
+
+    def ask(i: int) -> ConsumeRequest:
+        return ConsumeRequest(t, "messages", 1, f"{uid}-m{i}")
+
+    for n in range(2):  # not a passing state: it stays until cleared
+        results = await engine.run_batch([ask(10 * n + i) for i in range(3)])
+        assert all(isinstance(r, Decision) and r.allowed for r in results)
+        assert engine.decided_alone == 3 * (n + 1)
+        assert engine.untidy_found.is_set() and engine.take_untidy() == [t]
+    assert not engine.untidy_found.is_set()
+
+    assert await engine.tidy([t]) == (1, 1)
+    assert await engine.tidy([t]) == (0, 0)
+    wallet = await f.fetch(
+        pool, "SELECT balance_micros, held_micros FROM wallets WHERE tenant_id = %s", t
+    )
+    assert wallet == [(500, 0)]
+    expired = await f.fetch(
+        pool,
+        "SELECT delta_micros, reason FROM wallet_ledger WHERE tenant_id = %s AND kind = 'expire'",
+        t,
+    )
+    assert expired == [(-300, "grant expired")]
+    files = await f.fetch(
+        pool,
+        "SELECT r.status, c.used, c.reserved FROM reservations r JOIN usage_counters c"
+        " ON c.tenant_id = r.tenant_id AND c.resource = r.resource WHERE r.tenant_id = %s",
+        t,
+    )
+    assert files == [("expired", 0, 0)]
+
+    _without_fallback(engine)
+    results = await engine.run_batch([ask(100 + i) for i in range(3)])
+    assert [r.windows[0].used for r in results if isinstance(r, Decision)] == [7, 8, 9]
+    assert engine.decided_alone == 6 and engine.take_untidy() == []
+
+
+async def test_the_sweep_expires_due_grants_and_only_those(pool: Pool, uid: str) -> None:
+    """sweep_due_grants marks every grant past its expiry as expired, once, its remainder
+    leaving the balance with one ledger entry; live grants and grants without expiry stay."""
+    clock = FrozenClock(START)
+    engine = QuotaEngine(pool, clock, QuotaRules())
+    plan = await f.plan(pool, START, uid, [quota("messages", "daily", 100)])
+    a = await f.tenant(pool, START, f"sweep-a-{uid}", plan, credits_micros=1000)
+    b = await f.tenant(pool, START, f"sweep-b-{uid}", plan)
+    soon, later = START + timedelta(hours=1), START + timedelta(days=30)
+    async with pool.connection() as conn:
+        for tenant, micros, expires in ((a, 200, soon), (a, 300, later), (b, 50, soon)):
+            await catalog.grant_credits(conn, tenant, micros, START, reason="t", expires_at=expires)
+    assert await engine.sweep_due_grants() == 0  # nothing is due yet
+    clock.advance(timedelta(hours=2))
+    assert await engine.sweep_due_grants(tenant_ids=[b]) == 1
+    assert await engine.sweep_due_grants() == 1  # a's; b's is done
+    assert await engine.sweep_due_grants() == 0
+    grants = await f.fetch(
+        pool,
+        "SELECT tenant_id = %s, amount_micros, remaining_micros, expired FROM wallet_grants"
+        " WHERE tenant_id IN (%s, %s) ORDER BY 1 DESC, 2",
+        a,
+        a,
+        b,
+    )
+    assert grants == [
+        (True, 200, 0, True),
+        (True, 300, 300, False),
+        (True, 1000, 1000, False),
+        (False, 50, 0, True),
+    ]
+    books = await f.fetch(
+        pool,
+        "SELECT w.balance_micros, (SELECT sum(delta_micros) FROM wallet_ledger l"
+        " WHERE l.tenant_id = w.tenant_id), (SELECT array_agg(delta_micros) FROM wallet_ledger l"
+        " WHERE l.tenant_id = w.tenant_id AND kind = 'expire')"
+        " FROM wallets w WHERE tenant_id IN (%s, %s) ORDER BY tenant_id = %s DESC",
+        a,
+        b,
+        a,
+    )
+    assert books == [(1300, 1300, [-200]), (0, 0, [-50])]
