@@ -68,6 +68,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 _MAX_FORGOTTEN = 100  # more connections than any pool has
+# why a batch's requests were all retried one by one: a request_id another transaction
+# took meanwhile (expected), the database refused the set-based statements, a bug
+FALLBACK_REASONS = ("race", "refused", "failed")
 _NO_LIMIT = 1 << 62
 # Every row a use case touches is reached through an index, by plans made once per
 # connection: generic plans (left to choose, PostgreSQL re-planned the batch's read statement
@@ -152,7 +155,10 @@ class QuotaEngine:
         # `untidy_found` is set while there are any (the sidecar's sweep waits on it)
         self._untidy: set[str] = set()
         self.untidy_found = asyncio.Event()
-        self.decided_alone = 0  # requests of batches decided one by one (for metrics, tests)
+        # for metrics and tests: requests of batches decided one by one in their batch's
+        # transaction, and batches whose requests were all retried one by one, by reason
+        self.decided_alone = 0
+        self.fallbacks = dict.fromkeys(FALLBACK_REASONS, 0)
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -251,9 +257,12 @@ class QuotaEngine:
             results.update({i: exc for i in valid})  # one by one would not fare better
         except Exception as exc:  # decide one by one: one bad request never fails the rest
             if not isinstance(exc, psycopg.Error):
+                self.fallbacks["failed"] += 1
                 log.exception("batch_failed", requests=len(valid))
-            elif exc.sqlstate != CLAIM_RACE_SQLSTATE:  # not the expected race (a request_id
-                # taken meanwhile): the set-based path has a problem worth seeing
+            elif exc.sqlstate == CLAIM_RACE_SQLSTATE:  # the expected race
+                self.fallbacks["race"] += 1
+            else:  # the set-based path has a problem worth seeing
+                self.fallbacks["refused"] += 1
                 log.warning("batch_refused", requests=len(valid), error=str(exc)[:500])
             for i in valid:
                 try:

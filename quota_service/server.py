@@ -26,7 +26,7 @@ from billing_core.db.pool import open_pool, ping
 from billing_core.quota_engine import QuotaEngine, QuotaRules
 from billing_core.settings import Settings
 from quota_service.coalescer import Coalescer
-from quota_service.servicer import Metrics, QuotaServicer
+from quota_service.servicer import EngineCollector, Metrics, QuotaServicer
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
@@ -199,6 +199,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     )
     registry = CollectorRegistry()
     metrics = Metrics(registry)
+    registry.register(EngineCollector(engine))
     coalescer = (
         Coalescer(
             engine,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from quota.v1 import quota_service_pb2 as pb
 from quota.v1 import quota_service_pb2_grpc as pb_grpc
 
@@ -66,6 +68,32 @@ class Metrics:
 
     def timed(self, method: str, code: str, seconds: float) -> None:
         self._child(self.latency, method, code).observe(seconds)
+
+
+class EngineCollector(Collector):
+    """The engine's own counts, read at scrape time: how much of the coalesced traffic
+    left the set-based path (a rising count means batches are not doing their job)."""
+
+    def __init__(self, engine: QuotaEngine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        alone = CounterMetricFamily(
+            "quota_batch_decided_one_by_one",
+            "Requests of coalesced batches decided one by one inside the batch's transaction"
+            " (tenants with an expired reservation or a due grant, until they are tidied)",
+            value=self._engine.decided_alone,
+        )
+        fallbacks = CounterMetricFamily(
+            "quota_batch_fallbacks",
+            "Coalesced batches whose requests were all retried one by one: a request_id taken"
+            " meanwhile (race), the database refused the batch (refused), a bug (failed)",
+            labels=["reason"],
+        )
+        for reason, count in self._engine.fallbacks.items():
+            fallbacks.add_metric([reason], count)
+        yield alone
+        yield fallbacks
 
 
 class QuotaServicer(pb_grpc.QuotaServiceServicer):

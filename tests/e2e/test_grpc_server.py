@@ -352,9 +352,17 @@ async def test_the_running_sidecar_tidies_a_tenant_its_batches_decided_one_by_on
                 if swept:
                     break
             assert swept == 1
-            alone = server.engine.decided_alone
+            alone = "quota_batch_decided_one_by_one_total"
+            assert server.registry.get_sample_value(alone) == 1
             assert (await client.check_and_consume(t, "messages", 1)).allowed
-            assert server.engine.decided_alone == alone  # batched again
+            assert server.registry.get_sample_value(alone) == 1  # batched again
+            fallbacks = {
+                reason: server.registry.get_sample_value(
+                    "quota_batch_fallbacks_total", {"reason": reason}
+                )
+                for reason in ("race", "refused", "failed")
+            }
+            assert fallbacks == {"race": 0, "refused": 0, "failed": 0}
         balance = await f.fetch(pool, "SELECT balance_micros FROM wallets WHERE tenant_id = %s", t)
         assert balance == [(0,)]
     finally:

@@ -419,6 +419,7 @@ async def test_a_twin_committed_meanwhile_is_replayed_not_counted_twice(
     assert isinstance(first, Decision) and first.allowed and not first.replayed
     assert isinstance(second, Decision) and second.replayed
     assert second.usage_record_id == answer.usage_record_id
+    assert engine.fallbacks == {"race": 1, "refused": 0, "failed": 0}
     [(used, records)] = await f.fetch(
         pool,
         "SELECT (SELECT sum(used) FROM usage_counters WHERE tenant_id = %s),"
@@ -449,6 +450,7 @@ async def test_a_failing_batch_is_decided_one_by_one(
         False,
         "NotFound",
     ]
+    assert engine.fallbacks == {"race": 0, "refused": 0, "failed": 1}
 
 
 async def test_a_bug_that_fails_one_request_alone_fails_only_that_request(
