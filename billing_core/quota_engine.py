@@ -198,12 +198,14 @@ class QuotaEngine:
         req.validate()
         return await self._run(lambda conn: self._admit(conn, req))
 
-    async def run_batch(self, reqs: Sequence[Request]) -> list[Result]:
+    async def run_batch(self, reqs: Sequence[Request], *, overflow: bool = False) -> list[Result]:
         """Decide many CheckAndConsume, Reserve (ReserveRequest), Commit and Release requests
         in one transaction, in the given order, exactly as one-by-one calls would: set-based
         (quota_batch.decide_batch), with tenants that have lazily expiring state decided
         one by one in savepoints; one commit for all. When the batch as a whole fails, each
-        request is retried on its own, so one bad request never fails its neighbours."""
+        request is retried on its own, so one bad request never fails its neighbours.
+        `overflow`: on a connection of the shared pool, not the batch pool (a batch that
+        runs beside a stalled one, whose connection is taken)."""
         results: dict[int, Result] = {}
         valid: list[int] = []
         for i, req in enumerate(reqs):
@@ -218,7 +220,8 @@ class QuotaEngine:
         async def attempt() -> dict[int, Result]:
             batch = [reqs[i] for i in valid]
             timeout = self._rules.acquire_timeout_s
-            async with self._batch_pool.connection(timeout=timeout) as conn:
+            pool = self._pool if overflow else self._batch_pool
+            async with pool.connection(timeout=timeout) as conn:
                 async with Wire.open(conn) as wire:  # two round trips for a whole batch
                     wire.send(BEGIN)
                     wire.send(_INDEXED_PLANS_STATEMENT)

@@ -44,6 +44,8 @@ class Settings:
     coalesce_lanes: int = 1
     # under load, the longest a request waits for company before its batch starts
     coalesce_gather_us: int = 2000
+    # how long a batch may run before its lane goes on beside it without its tenants
+    coalesce_stall_ms: int = 100
     # quota rules
     idempotency_ttl_hours: int = 24
     past_due_grace_days: int = 3
@@ -86,6 +88,7 @@ class Settings:
             not in ("0", "off", "false"),
             coalesce_lanes=_int(env, "QUOTA_COALESCE_LANES", 1),
             coalesce_gather_us=_int(env, "QUOTA_COALESCE_GATHER_US", 2000),
+            coalesce_stall_ms=_int(env, "QUOTA_COALESCE_STALL_MS", 100),
             idempotency_ttl_hours=_int(env, "IDEMPOTENCY_TTL_HOURS", 24),
             past_due_grace_days=_int(env, "PAST_DUE_GRACE_DAYS", 3),
             reservation_sweep_seconds=_int(env, "RESERVATION_SWEEP_SECONDS", 30),
@@ -120,6 +123,8 @@ class Settings:
             raise InvalidRequest("QUOTA_DB_POOL_SIZE must be at least 1")
         if not 0 <= self.coalesce_gather_us <= 100_000:
             raise InvalidRequest("QUOTA_COALESCE_GATHER_US must be between 0 and 100000")
+        if not 0 <= self.coalesce_stall_ms <= 60_000:
+            raise InvalidRequest("QUOTA_COALESCE_STALL_MS must be between 0 and 60000")
         if self.past_due_grace_days < 0:
             raise InvalidRequest("PAST_DUE_GRACE_DAYS must not be negative")
         if self.log_format not in {"auto", "json", "console"}:

@@ -205,6 +205,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
             engine,
             lanes=lanes,
             gather_s=settings.coalesce_gather_us / 1_000_000,
+            stall_s=settings.coalesce_stall_ms / 1000,
             on_batch=metrics.batch_size.observe,
         )
         if settings.coalesce_requests

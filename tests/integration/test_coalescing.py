@@ -33,6 +33,7 @@ from billing_core.usage import (
     ReleaseRequest,
     ReserveRequest,
 )
+from quota_service.coalescer import Coalescer
 from quota_service.server import QuotaServer
 from tests import factories as f
 from tests.integration.test_properties import START
@@ -763,3 +764,44 @@ async def test_the_sweep_expires_due_grants_and_only_those(pool: Pool, uid: str)
         a,
     )
     assert books == [(1300, 1300, [-200]), (0, 0, [-50])]
+
+
+async def test_a_row_lock_held_elsewhere_stalls_its_tenant_not_the_lane(
+    database_url: str, pool: Pool, uid: str
+) -> None:
+    """Another transaction holds one tenant's counter row: the batch with that tenant's
+    request waits on it, and everyone else's requests are decided beside it meanwhile; the
+    tenant's next request waits for the first and counts after it."""
+    lane = await open_pool(database_url, 1)
+    engine = QuotaEngine(pool, FrozenClock(START), QuotaRules(), batch_pool=lane)
+    coalescer = Coalescer(engine, lanes=1, gather_s=0, stall_s=0.05)
+    coalescer.start()
+    try:
+        plan = await f.plan(pool, START, uid, [quota("messages", "daily", 100)])
+        stuck = await f.tenant(pool, START, f"stuck-{uid}", plan)
+        others = [await f.tenant(pool, START, f"free{i}-{uid}", plan) for i in range(3)]
+        assert (await coalescer.admit(ConsumeRequest(stuck, "messages", 1, "s0"))).allowed
+        async with pool.connection() as blocker, blocker.transaction():
+            await blocker.execute(
+                "SELECT 1 FROM usage_counters WHERE tenant_id = %s FOR UPDATE", (stuck,)
+            )
+            first = asyncio.ensure_future(
+                coalescer.admit(ConsumeRequest(stuck, "messages", 1, "s1"))
+            )
+            await asyncio.sleep(0.1)
+            later = asyncio.ensure_future(
+                coalescer.admit(ConsumeRequest(stuck, "messages", 1, "s2"))
+            )
+            rest = [
+                asyncio.ensure_future(coalescer.admit(ConsumeRequest(t, "messages", 1, "o")))
+                for t in others
+            ]
+            done, _ = await asyncio.wait(rest, timeout=10)
+            assert done == set(rest) and all(r.result().allowed for r in rest)
+            assert not first.done() and not later.done()
+            assert coalescer.overtaken == 1
+        a, b = await asyncio.wait_for(asyncio.gather(first, later), 10)
+        assert [a.windows[0].used, b.windows[0].used] == [2, 3]
+    finally:
+        await coalescer.stop()
+        await lane.close()

@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import cast
 
+import pytest
+
 from billing_core.errors import QuotaError
 from billing_core.limits import Reason
 from billing_core.quota_engine import QuotaEngine
@@ -19,7 +21,9 @@ class _Recorder:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
 
-    async def run_batch(self, reqs: Sequence[ConsumeRequest]) -> list[Decision | QuotaError]:
+    async def run_batch(
+        self, reqs: Sequence[ConsumeRequest], *, overflow: bool = False
+    ) -> list[Decision | QuotaError]:
         self.batches.append([r.request_id for r in reqs])
         await asyncio.sleep(0)  # a database round trip, in spirit
         return [Decision(True, Reason.ALLOWED, ()) for _ in reqs]
@@ -92,3 +96,56 @@ async def test_a_backlog_as_big_as_the_last_batch_grows_the_next_one() -> None:
         ["first-0", "first-1", "first-2"],
         ["a0", "a1", "a2", "b0", "b1", "b2"],
     ]
+
+
+class _Staller(_Recorder):
+    """A batch holding tenant "stuck" waits (as on a row lock held elsewhere) until let go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.let_go = asyncio.Event()
+        self.overflows: list[bool] = []
+
+    async def run_batch(
+        self, reqs: Sequence[ConsumeRequest], *, overflow: bool = False
+    ) -> list[Decision | QuotaError]:
+        self.overflows.append(overflow)
+        if any(r.tenant_id == "stuck" for r in reqs):
+            self.batches.append([r.request_id for r in reqs])
+            await self.let_go.wait()
+            return [Decision(True, Reason.ALLOWED, ()) for _ in reqs]
+        return await super().run_batch(reqs)
+
+
+def _of(tenant_id: str, request_id: str) -> ConsumeRequest:
+    return ConsumeRequest(tenant_id, "messages", 1, request_id)
+
+
+@pytest.mark.parametrize("stall_s", [0.05, 0])
+async def test_a_stalled_batch_holds_up_its_own_tenants_only(stall_s: float) -> None:
+    """Past stall_s the lane goes on beside a stalled batch (on the shared pool) with
+    everyone else's requests; the stalled tenant's later request waits for it, keeping its
+    order. With stall_s=0 the lane waits for every batch."""
+    staller = _Staller()
+    coalescer = Coalescer(cast(QuotaEngine, staller), lanes=1, gather_s=0, stall_s=stall_s)
+    coalescer.start()
+    try:
+        first = asyncio.ensure_future(coalescer.admit(_of("stuck", "s1")))
+        await asyncio.sleep(0.01)  # its batch is running, and stalls
+        later = asyncio.ensure_future(coalescer.admit(_of("stuck", "s2")))
+        others = [asyncio.ensure_future(coalescer.admit(_of(f"t{i}", f"o{i}"))) for i in range(3)]
+        done, _ = await asyncio.wait(others, timeout=1)
+        if stall_s:
+            assert done == set(others)  # decided beside the stalled batch
+            assert coalescer.overtaken == 1 and staller.overflows == [False, True]
+        else:
+            assert not done and coalescer.overtaken == 0  # held up behind it
+        assert not first.done() and not later.done()
+        staller.let_go.set()
+        await asyncio.wait_for(asyncio.gather(first, later, *others), 60)  # safety net only
+    finally:
+        await coalescer.stop()
+    if stall_s:
+        assert staller.batches == [["s1"], ["o0", "o1", "o2"], ["s2"]]
+    else:
+        assert staller.batches == [["s1"], ["s2", "o0", "o1", "o2"]]
