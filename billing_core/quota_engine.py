@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 from psycopg import errors as pg_errors
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from billing_core import decisions
 from billing_core.clock import Clock
@@ -68,6 +68,10 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 _MAX_FORGOTTEN = 100  # more connections than any pool has
+_MAX_LOST = 2  # connections found dead in a row before the call answers UNAVAILABLE
+# a connection that died under the call (its backend was terminated or crashed, an idle
+# timeout closed it, its socket broke): another one may well work
+_LOST_SQLSTATES = frozenset(("57P01", "57P02", "57P05"))
 # why a batch's requests were all retried one by one: a request_id another transaction
 # took meanwhile (expected), the database refused the set-based statements, a bug
 FALLBACK_REASONS = ("race", "refused", "failed")
@@ -85,6 +89,14 @@ _INDEXED_PLANS = (
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
 )
 _INDEXED_PLANS_STATEMENT = Statement(_INDEXED_PLANS)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """A dead connection, as opposed to a database that cannot be reached (no connection
+    within the acquire timeout: retrying would only wait as long again)."""
+    if isinstance(exc, (PoolTimeout, TimeoutError)) or not isinstance(exc, psycopg.Error):
+        return False
+    return exc.sqlstate is None or exc.sqlstate in _LOST_SQLSTATES
 
 
 @asynccontextmanager
@@ -176,7 +188,7 @@ class QuotaEngine:
         return await self._retrying(attempt)
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        aborted = forgotten = 0
+        aborted = forgotten = lost = 0
         while True:
             try:
                 return await attempt()
@@ -190,7 +202,13 @@ class QuotaEngine:
                     raise Unavailable("the database kept aborting the transaction") from None
                 await asyncio.sleep(0.001 * 2 ** (aborted - 1))
             except (psycopg.OperationalError, TimeoutError) as exc:
-                raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+                lost += 1
+                if lost > _MAX_LOST or not _connection_lost(exc):
+                    raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+                # the pool replaces the connection; the attempt runs again on another one.
+                # Safe even when the COMMIT had gone out: every request it decided has a
+                # request_id (or reservation) that replays its answer instead of counting
+                log.warning("connection_lost_retrying", error=str(exc)[:200])
 
     # --- CheckAndConsume / Reserve -------------------------------------------------
 

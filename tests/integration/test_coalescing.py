@@ -805,3 +805,38 @@ async def test_a_row_lock_held_elsewhere_stalls_its_tenant_not_the_lane(
     finally:
         await coalescer.stop()
         await lane.close()
+
+
+async def test_a_connection_that_died_between_calls_is_replaced_unnoticed(
+    database_url: str, pool: Pool, uid: str
+) -> None:
+    """The backends behind the engine's connections are terminated between calls (an idle
+    timeout, a proxy, an operator): the next batch and the next one-by-one call each find
+    their connection dead, take another and answer — nobody sees UNAVAILABLE — and count
+    once."""
+    lane, shared = await open_pool(database_url, 1), await open_pool(database_url, 1)
+    try:
+        engine = QuotaEngine(shared, FrozenClock(START), QuotaRules(), batch_pool=lane)
+        plan = await f.plan(pool, START, uid, [quota("messages", "daily", 100)])
+        t = await f.tenant(pool, START, f"dead-{uid}", plan)
+        for round_ in range(2):
+            [batched] = await engine.run_batch([ConsumeRequest(t, "messages", 1, f"b{round_}")])
+            alone = await engine.consume(ConsumeRequest(t, "messages", 1, f"a{round_}"))
+            assert isinstance(batched, Decision) and batched.allowed and alone.allowed
+            pids = []
+            for p in (lane, shared):
+                async with p.connection() as conn:
+                    pids.append(conn.info.backend_pid)
+            async with pool.connection() as admin:
+                await admin.execute("SELECT pg_terminate_backend(p) FROM unnest(%s) p", (pids,))
+        [(used, records)] = await f.fetch(
+            pool,
+            "SELECT (SELECT sum(used) FROM usage_counters WHERE tenant_id = %s),"
+            " (SELECT count(*) FROM usage_records WHERE tenant_id = %s)",
+            t,
+            t,
+        )
+        assert (used, records) == (4, 4)
+    finally:
+        await lane.close()
+        await shared.close()
