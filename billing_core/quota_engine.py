@@ -235,7 +235,7 @@ class QuotaEngine:
         if not valid:
             return [results[i] for i in range(len(reqs))]
 
-        async def attempt() -> dict[int, Result]:
+        async def attempt() -> tuple[dict[int, Result], int, set[str]]:
             batch = [reqs[i] for i in valid]
             timeout = self._rules.acquire_timeout_s
             pool = self._pool if overflow else self._batch_pool
@@ -256,10 +256,6 @@ class QuotaEngine:
                     await wire.sync()
                     await outcome.finish()
                 done = {valid[j]: result for j, result in outcome.results.items()}
-                self.decided_alone += len(outcome.one_by_one)
-                if outcome.untidy:
-                    self._untidy |= outcome.untidy
-                    self.untidy_found.set()
                 if outcome.one_by_one:  # in the same transaction, in savepoints
                     async with (
                         conn.pipeline() as pipe,
@@ -270,10 +266,15 @@ class QuotaEngine:
                                 done[valid[j]] = await self._decide(conn, batch[j])
                             except (InvalidRequest, NotFound, Conflict) as exc:
                                 done[valid[j]] = exc  # its savepoint rolled back
-            return done
+            return done, len(outcome.one_by_one), outcome.untidy
 
         try:
-            results.update(await self._retrying(attempt))
+            done, alone, untidy = await self._retrying(attempt)
+            results.update(done)
+            self.decided_alone += alone
+            if untidy:  # for the sidecar's sweep to clear at once
+                self._untidy |= untidy
+                self.untidy_found.set()
         except Unavailable as exc:
             results.update({i: exc for i in valid})  # one by one would not fare better
         except Exception as exc:  # decide one by one: one bad request never fails the rest
