@@ -175,21 +175,19 @@ class Coalescer:
                 await asyncio.wait(lane.running, return_when=asyncio.FIRST_COMPLETED)
 
     def _take(self, lane: _Lane) -> list[_Item]:
-        """The next batch: pending requests in arrival order, but none of a tenant in a
-        running batch, nor one behind a request of its tenant left pending; their tenants
-        are busy from now on."""
+        """The next batch: up to max_batch pending requests in arrival order, none of a
+        tenant in a running batch (those stay pending, in order); their tenants are busy
+        from now on."""
         batch: list[_Item] = []
         left: deque[_Item] = deque()
-        blocked = set(lane.busy)
         for item in lane.pending:
             req, future = item
             if future.cancelled():  # its caller gave up
                 continue
-            if len(batch) < self.max_batch and req.tenant_id not in blocked:
+            if len(batch) < self.max_batch and req.tenant_id not in lane.busy:
                 batch.append(item)
             else:
                 left.append(item)
-                blocked.add(req.tenant_id)
         lane.pending = left
         lane.busy.update(req.tenant_id for req, _ in batch)
         return batch

@@ -330,8 +330,15 @@ class WalletGrant(Base):
         CheckConstraint("source IN ('start','renewal','upgrade','manual')", name="source_known"),
         # a plan grant is applied once per subscription + period + kind
         UniqueConstraint("tenant_id", "grant_key"),
-        # the sweep's way to grants past their expiry that still pay (quota_store)
-        Index("ix_wallet_grants_due", "expires_at", postgresql_where=text("NOT expired")),
+        # the sweep's way to grants past their expiry that still pay (quota_store): the live
+        # grants only; led by tenant_id so that a cached generic plan of a one-tenant lookup
+        # that picks it reads that tenant's entries, never every live grant's
+        Index(
+            "ix_wallet_grants_due",
+            "tenant_id",
+            "expires_at",
+            postgresql_where=text("NOT expired"),
+        ),
     )
 
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.tenant_id"), primary_key=True)

@@ -359,13 +359,13 @@ async def due_grant_tenants(
     """Up to `limit` tenants with a grant past its expiry that is not marked expired yet (of
     `tenant_ids` only, when given)."""
     cur = await conn.execute(
-        "SELECT DISTINCT tenant_id FROM (SELECT tenant_id FROM wallet_grants"
+        "SELECT DISTINCT tenant_id FROM wallet_grants"
         " WHERE NOT expired AND expires_at <= %s"
         " AND (%s::text[] IS NULL OR tenant_id = ANY(%s::text[]))"
-        " ORDER BY expires_at LIMIT %s) g",
+        " ORDER BY tenant_id LIMIT %s",
         (now, tenant_ids, tenant_ids, limit),
     )
-    return sorted(r[0] for r in await cur.fetchall())
+    return [r[0] for r in await cur.fetchall()]
 
 
 async def delete_expired_request_ids(conn: Conn, now: datetime, limit: int) -> int:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from billing_core.errors import QuotaError
 from billing_core.limits import Reason
@@ -149,3 +151,60 @@ async def test_a_stalled_batch_holds_up_its_own_tenants_only(stall_s: float) -> 
         assert staller.batches == [["s1"], ["o0", "o1", "o2"], ["s2"]]
     else:
         assert staller.batches == [["s1"], ["s2", "o0", "o1", "o2"]]
+
+
+class _Sleeper(_Recorder):
+    """Each batch takes its own time (some far past stall_s); checks that no two batches
+    that run at once share a tenant."""
+
+    def __init__(self, delays: list[float]) -> None:
+        super().__init__()
+        self.delays = delays
+        self.running: set[str] = set()
+
+    async def run_batch(
+        self, reqs: Sequence[ConsumeRequest], *, overflow: bool = False
+    ) -> list[Decision | QuotaError]:
+        tenants = {r.tenant_id for r in reqs}
+        assert not tenants & self.running, "two running batches share a tenant"
+        self.running |= tenants
+        self.batches.append([r.request_id for r in reqs])
+        await asyncio.sleep(self.delays[len(self.batches) % len(self.delays)])
+        self.running -= tenants
+        return [Decision(True, Reason.ALLOWED, ()) for _ in reqs]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    arrivals=st.lists(
+        st.tuples(st.sampled_from("abcde"), st.sampled_from([0, 0, 0, 0.001, 0.004])),
+        min_size=1,
+        max_size=40,
+    ),
+    delays=st.lists(st.sampled_from([0, 0.001, 0.003, 0.02]), min_size=1, max_size=6),
+    max_batch=st.sampled_from([2, 3, 128]),
+)
+async def test_batches_beside_stalled_ones_keep_each_tenants_order(
+    arrivals: list[tuple[str, float]], delays: list[float], max_batch: int
+) -> None:
+    """Whatever the arrivals, however long each batch takes (stall_s is 2 ms here) and
+    however small batches must be: every request is decided exactly once, batches that run
+    at once share no tenant, and each tenant's requests are decided in arrival order."""
+    sleeper = _Sleeper(delays)
+    coalescer = Coalescer(
+        cast(QuotaEngine, sleeper), lanes=1, max_batch=max_batch, gather_s=0.001, stall_s=0.002
+    )
+    coalescer.start()
+    try:
+        calls = []
+        for i, (tenant, pause) in enumerate(arrivals):
+            calls.append(asyncio.ensure_future(coalescer.admit(_of(tenant, f"{tenant}{i}"))))
+            await asyncio.sleep(pause)
+        await asyncio.wait_for(asyncio.gather(*calls), 60)  # safety net only
+    finally:
+        await coalescer.stop()
+    decided = [request_id for batch in sleeper.batches for request_id in batch]
+    assert sorted(decided) == sorted(f"{t}{i}" for i, (t, _) in enumerate(arrivals))
+    for tenant in "abcde":
+        mine = [r for r in decided if r.startswith(tenant)]
+        assert mine == sorted(mine, key=lambda r: int(r[1:]))

@@ -2,7 +2,10 @@
 
 A grant past its expiry keeps paying nothing, but until it is marked expired its tenant's
 calls cannot be decided set-based by a coalesced batch (quota_batch.py). The sidecar's
-sweep marks such grants; this partial index leads it to them.
+sweep marks such grants; this partial index leads it to them (the live grants only, not
+every grant ever given). It is led by tenant_id: led by expires_at, a generic plan cached
+while the tables were small used it for one tenant's grants and read every live grant's
+entry (tests/integration/test_batch_plans.py caught it on PostgreSQL 15).
 
 Revision ID: 0005
 Revises: 0004
@@ -26,7 +29,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_wallet_grants_due",
         "wallet_grants",
-        ["expires_at"],
+        ["tenant_id", "expires_at"],
         postgresql_where=sa.text("NOT expired"),
     )
 
