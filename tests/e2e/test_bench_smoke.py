@@ -47,6 +47,10 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
         "hot, reserve+commit",
     }
     assert all(r["calls_per_s"] > 0 and r["errors"] == 0 for r in report["results"])
+    # the history point follows the hot point it is compared with, in every round
+    points = [(r["server"], r["scenario"]) for r in report["results"]]
+    assert points[points.index(("sidecar", "history")) - 1] == ("sidecar", "hot")
+    assert report["meta"]["history_insert_s"] >= 0
     # Reserve + Commit by both sidecars: what coalescing them gives, in the same run
     pairs = {r["server"] for r in report["results"] if r["scenario"] == "hot, reserve+commit"}
     assert pairs == {"sidecar", "sidecar (no coalescing)"}
