@@ -171,6 +171,7 @@ class QuotaEngine:
         # transaction, and batches whose requests were all retried one by one, by reason
         self.decided_alone = 0
         self.fallbacks = dict.fromkeys(FALLBACK_REASONS, 0)
+        self.connections_lost = 0  # calls and batches run again after their connection died
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -208,6 +209,7 @@ class QuotaEngine:
                 # the pool replaces the connection; the attempt runs again on another one.
                 # Safe even when the COMMIT had gone out: every request it decided has a
                 # request_id (or reservation) that replays its answer instead of counting
+                self.connections_lost += 1
                 log.warning("connection_lost_retrying", error=str(exc)[:200])
 
     # --- CheckAndConsume / Reserve -------------------------------------------------

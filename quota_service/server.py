@@ -199,7 +199,6 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     )
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    registry.register(EngineCollector(engine))
     coalescer = (
         Coalescer(
             engine,
@@ -211,6 +210,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
         if settings.coalesce_requests
         else None
     )
+    registry.register(EngineCollector(engine, coalescer))
     servicer = QuotaServicer(engine, metrics, coalescer)
     pb_grpc.add_QuotaServiceServicer_to_server(servicer, server)
     health = AsyncHealthServicer()

@@ -74,8 +74,9 @@ class EngineCollector(Collector):
     """The engine's own counts, read at scrape time: how much of the coalesced traffic
     left the set-based path (a rising count means batches are not doing their job)."""
 
-    def __init__(self, engine: QuotaEngine) -> None:
+    def __init__(self, engine: QuotaEngine, coalescer: Coalescer | None = None) -> None:
         self._engine = engine
+        self._coalescer = coalescer
 
     def collect(self) -> Iterator[Metric]:
         alone = CounterMetricFamily(
@@ -94,6 +95,19 @@ class EngineCollector(Collector):
             fallbacks.add_metric([reason], count)
         yield alone
         yield fallbacks
+        yield CounterMetricFamily(
+            "quota_db_connections_lost",
+            "Calls and batches run again on another connection because theirs had died"
+            " (a terminated backend, a restart, a proxy's timeout)",
+            value=self._engine.connections_lost,
+        )
+        if self._coalescer is not None:
+            yield CounterMetricFamily(
+                "quota_batch_stalled",
+                "Coalesced batches that ran past QUOTA_COALESCE_STALL_MS, waiting on a row lock"
+                " held elsewhere; their lane went on without them",
+                value=self._coalescer.overtaken,
+            )
 
 
 class QuotaServicer(pb_grpc.QuotaServiceServicer):

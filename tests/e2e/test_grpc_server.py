@@ -368,3 +368,49 @@ async def test_the_running_sidecar_tidies_a_tenant_its_batches_decided_one_by_on
     finally:
         await server.stop(grace=1)
         drop_database(server_url, name)
+
+
+async def test_the_running_sidecar_counts_stalled_batches_and_lost_connections(
+    server_url: str,
+) -> None:
+    """What an operator sees when a row lock is held elsewhere and when a backend dies:
+    quota_batch_stalled_total and quota_db_connections_lost_total, each once, while every
+    call is answered."""
+    server, name = await _private_sidecar(server_url, coalesce_stall_ms=50)
+    pool = server.pool
+    stalled, lost = "quota_batch_stalled_total", "quota_db_connections_lost_total"
+    try:
+        plan = await f.plan(pool, NOW, "stall", [quota("messages", "overall", 10)])
+        stuck = await f.tenant(pool, NOW, "stuck-tenant", plan)
+        other = await f.tenant(pool, NOW, "other-tenant", plan)
+        async with AsyncQuotaClient(target(server)) as client:
+            assert (await client.check_and_consume(stuck, "messages", 1)).allowed
+            assert server.registry.get_sample_value(stalled) == 0
+            assert server.registry.get_sample_value(lost) == 0
+            async with await psycopg.AsyncConnection.connect(
+                libpq_url(server.settings.database_url)
+            ) as holder:
+                await holder.execute(
+                    "SELECT 1 FROM usage_counters WHERE tenant_id = %s FOR UPDATE", (stuck,)
+                )
+                waiting = asyncio.ensure_future(client.check_and_consume(stuck, "messages", 1))
+                await asyncio.sleep(0.3)
+                beside = await asyncio.wait_for(client.check_and_consume(other, "messages", 1), 5)
+                assert beside.allowed and not waiting.done()
+                await holder.commit()
+            assert (await asyncio.wait_for(waiting, 5)).windows[0].used == 2
+            assert server.registry.get_sample_value(stalled) == 1
+            # every backend of the sidecar's database dies (a restart, an idle timeout)
+            async with await psycopg.AsyncConnection.connect(
+                libpq_url(server_url), autocommit=True
+            ) as admin:
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                )
+            assert (await client.check_and_consume(other, "messages", 1)).windows[0].used == 2
+            assert server.registry.get_sample_value(lost) == 1
+    finally:
+        await server.stop(grace=1)
+        drop_database(server_url, name)

@@ -837,6 +837,7 @@ async def test_a_connection_that_died_between_calls_is_replaced_unnoticed(
             t,
         )
         assert (used, records) == (4, 4)
+        assert engine.connections_lost == 2  # round 1's batch and call, once each
     finally:
         await lane.close()
         await shared.close()
