@@ -525,7 +525,9 @@ def chart(results: list[Result], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     at64 = [r for r in results if r.in_flight == 64]
-    labels = [f"{r.server}\n{r.scenario}" for r in at64]
+    # short lines, so neighbouring labels do not run into each other
+    labels = ["\n".join((r.server.replace(" (", "\n("), r.scenario.replace(", ", ",\n")))
+              for r in at64]  # fmt: skip
     fig, ax = plt.subplots(figsize=(max(6, len(at64) * 1.2), 4))
     ax.bar(range(len(at64)), [r.calls_per_s for r in at64], color="#4c72b0")
     ax.set_xticks(range(len(at64)), labels, fontsize=7)
