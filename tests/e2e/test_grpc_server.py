@@ -404,11 +404,19 @@ async def test_the_running_sidecar_counts_stalled_batches_and_lost_connections(
             async with await psycopg.AsyncConnection.connect(
                 libpq_url(server_url), autocommit=True
             ) as admin:
-                await admin.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                cur = await admin.execute(
+                    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s",
                     (name,),
                 )
+                pids = [pid for pid, _ in await cur.fetchall()]
+                for _ in range(100):  # until they are gone, so the next call meets a dead one
+                    cur = await admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+                    )
+                    if (await cur.fetchone()) == (0,):
+                        break
+                    await asyncio.sleep(0.02)
             assert (await client.check_and_consume(other, "messages", 1)).windows[0].used == 2
             assert server.registry.get_sample_value(lost) == 1
     finally:
