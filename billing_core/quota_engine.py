@@ -94,7 +94,7 @@ _INDEXED_PLANS_STATEMENT = Statement(_INDEXED_PLANS)
 def _connection_lost(exc: BaseException) -> bool:
     """A dead connection, as opposed to a database that cannot be reached (no connection
     within the acquire timeout: retrying would only wait as long again)."""
-    if isinstance(exc, (PoolTimeout, TimeoutError)) or not isinstance(exc, psycopg.Error):
+    if isinstance(exc, PoolTimeout) or not isinstance(exc, psycopg.Error):
         return False
     return exc.sqlstate is None or exc.sqlstate in _LOST_SQLSTATES
 

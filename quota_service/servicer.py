@@ -71,8 +71,10 @@ class Metrics:
 
 
 class EngineCollector(Collector):
-    """The engine's own counts, read at scrape time: how much of the coalesced traffic
-    left the set-based path (a rising count means batches are not doing their job)."""
+    """The engine's and the coalescer's own counts, read at scrape time (nothing added to
+    the request path): how much of the coalesced traffic left the set-based path (a rising
+    count means batches are not doing their job), batches stalled on a lock held elsewhere,
+    calls run again after their connection died."""
 
     def __init__(self, engine: QuotaEngine, coalescer: Coalescer | None = None) -> None:
         self._engine = engine
