@@ -73,8 +73,11 @@ _MAX_LOST = 2  # connections found dead in a row before the call answers UNAVAIL
 # timeout closed it, its socket broke): another one may well work
 _LOST_SQLSTATES = frozenset(("57P01", "57P02", "57P05"))
 # why a batch's requests were all retried one by one: a request_id another transaction
-# took meanwhile (expected), the database refused the set-based statements, a bug
-FALLBACK_REASONS = ("race", "refused", "failed")
+# took meanwhile (expected), a row lock held elsewhere for longer than the batch's
+# lock_timeout, the database refused the set-based statements, a bug
+FALLBACK_REASONS = ("race", "locked", "refused", "failed")
+# a batch's requests decided one by one: this many tenants at once, each in its own order
+_ALONE_AT_ONCE = 4
 _NO_LIMIT = 1 << 62
 # Every row a use case touches is reached through an index, by plans made once per
 # connection: generic plans (left to choose, PostgreSQL re-planned the batch's read statement
@@ -88,7 +91,10 @@ _INDEXED_PLANS = (
     "SELECT set_config('enable_seqscan', 'off', true),"
     " set_config('plan_cache_mode', 'force_generic_plan', true)"
 )
-_INDEXED_PLANS_STATEMENT = Statement(_INDEXED_PLANS)
+# a batch's transaction also waits at most `lock_timeout` for a row lock held elsewhere
+# (an operator's open transaction, a stuck session): then its requests are decided one by
+# one, each tenant on its own, and only the locked tenant's wait on (run_batch)
+_BATCH_SETTINGS = Statement(_INDEXED_PLANS + ", set_config('lock_timeout', %(lock_timeout)s, true)")
 
 
 def _connection_lost(exc: BaseException) -> bool:
@@ -113,6 +119,9 @@ class QuotaRules:
     past_due_grace: timedelta = timedelta(days=3)
     # how long a call waits for a database connection before answering UNAVAILABLE
     acquire_timeout_s: float = 2.0
+    # how long a batch waits for a row lock before its requests are decided one by one,
+    # each tenant on its own (0: as long as it takes)
+    batch_lock_timeout_s: float = 1.0
 
 
 class _Denied(Exception):
@@ -202,6 +211,8 @@ class QuotaEngine:
                 if aborted == 5:
                     raise Unavailable("the database kept aborting the transaction") from None
                 await asyncio.sleep(0.001 * 2 ** (aborted - 1))
+            except pg_errors.LockNotAvailable:
+                raise  # a batch's lock_timeout: run_batch decides its requests one by one
             except (psycopg.OperationalError, TimeoutError) as exc:
                 lost += 1
                 if lost > _MAX_LOST or not _connection_lost(exc):
@@ -218,14 +229,25 @@ class QuotaEngine:
         req.validate()
         return await self._run(lambda conn: self._admit(conn, req))
 
-    async def run_batch(self, reqs: Sequence[Request], *, overflow: bool = False) -> list[Result]:
+    async def run_batch(
+        self,
+        reqs: Sequence[Request],
+        *,
+        overflow: bool = False,
+        answer: Callable[[int, Result], None] | None = None,
+    ) -> list[Result]:
         """Decide many CheckAndConsume, Reserve (ReserveRequest), Commit and Release requests
         in one transaction, in the given order, exactly as one-by-one calls would: set-based
         (quota_batch.decide_batch), with tenants that have lazily expiring state decided
-        one by one in savepoints; one commit for all. When the batch as a whole fails, each
-        request is retried on its own, so one bad request never fails its neighbours.
+        one by one in savepoints; one commit for all. When the batch as a whole fails (a
+        row lock held elsewhere past `batch_lock_timeout_s`, a request_id taken meanwhile,
+        a refused statement, a bug), its requests are decided one by one, each tenant's in
+        order and tenants side by side: one bad request never fails its neighbours, and one
+        locked tenant holds up only itself.
         `overflow`: on a connection of the shared pool, not the batch pool (a batch that
-        runs beside a stalled one, whose connection is taken)."""
+        runs beside a stalled one, whose connection is taken). `answer(i, result)`, when
+        given, is told each result as soon as it is final when the requests are decided one
+        by one (before the batch returns), so a caller can answer them as they come."""
         results: dict[int, Result] = {}
         valid: list[int] = []
         for i, req in enumerate(reqs):
@@ -236,6 +258,7 @@ class QuotaEngine:
                 results[i] = exc
         if not valid:
             return [results[i] for i in range(len(reqs))]
+        lock_timeout = {"lock_timeout": str(round(self._rules.batch_lock_timeout_s * 1000))}
 
         async def attempt() -> tuple[dict[int, Result], int, set[str]]:
             batch = [reqs[i] for i in valid]
@@ -244,7 +267,7 @@ class QuotaEngine:
             async with pool.connection(timeout=timeout) as conn:
                 async with Wire.open(conn) as wire:  # two round trips for a whole batch
                     wire.send(BEGIN)
-                    wire.send(_INDEXED_PLANS_STATEMENT)
+                    wire.send(_BATCH_SETTINGS, lock_timeout)
                     outcome = await decide_batch(
                         wire,
                         batch,
@@ -280,26 +303,64 @@ class QuotaEngine:
         except Unavailable as exc:
             results.update({i: exc for i in valid})  # one by one would not fare better
         except Exception as exc:  # decide one by one: one bad request never fails the rest
-            if not isinstance(exc, psycopg.Error):
-                self.fallbacks["failed"] += 1
-                log.exception("batch_failed", requests=len(valid))
-            elif exc.sqlstate == CLAIM_RACE_SQLSTATE:  # the expected race
-                self.fallbacks["race"] += 1
-            else:  # the set-based path has a problem worth seeing
-                self.fallbacks["refused"] += 1
-                log.warning("batch_refused", requests=len(valid), error=str(exc)[:500])
-            for i in valid:
-                try:
-                    results[i] = await self.one(reqs[i])
-                except QuotaError as err:
-                    results[i] = err
-                except psycopg.Error as err:  # this request alone: its neighbours stand
-                    log.error("request_failed", tenant_id=reqs[i].tenant_id, error=str(err))
-                    results[i] = Unavailable(f"the database refused the request: {err}")
-                except Exception as err:  # a bug: this request fails (INTERNAL), loudly, alone
-                    log.exception("request_failed", tenant_id=reqs[i].tenant_id)
-                    results[i] = QuotaError(f"internal error ({type(err).__name__}), logged")
+            self.fallbacks[self._fallback_reason(exc, len(valid))] += 1
+            await self._each_alone(reqs, valid, results, answer)
         return [results[i] for i in range(len(reqs))]
+
+    def _fallback_reason(self, exc: Exception, requests: int) -> str:
+        """Why a batch failed as a whole (FALLBACK_REASONS), logged as it deserves."""
+        if not isinstance(exc, psycopg.Error):
+            log.exception("batch_failed", requests=requests)
+            return "failed"
+        if exc.sqlstate == CLAIM_RACE_SQLSTATE:
+            return "race"  # expected: another transaction took one of its request_ids
+        if isinstance(exc, pg_errors.LockNotAvailable):
+            log.warning("batch_lock_timeout", requests=requests)
+            return "locked"
+        log.warning("batch_refused", requests=requests, error=str(exc)[:500])
+        return "refused"  # the set-based path has a problem worth seeing
+
+    async def _each_alone(
+        self,
+        reqs: Sequence[Request],
+        valid: Sequence[int],
+        results: dict[int, Result],
+        answer: Callable[[int, Result], None] | None,
+    ) -> None:
+        """Decide the `valid` requests one by one into `results` (which holds the invalid
+        ones' errors already): each tenant's in their order, up to _ALONE_AT_ONCE tenants
+        side by side (tenants share no counters, wallets or request_ids, so the order
+        between them changes no decision). A tenant whose rows are locked elsewhere waits
+        alone for them."""
+        if answer is not None:
+            for i, invalid in results.items():
+                answer(i, invalid)
+        by_tenant: dict[str, list[int]] = {}
+        for i in valid:
+            by_tenant.setdefault(reqs[i].tenant_id, []).append(i)
+        gate = asyncio.Semaphore(_ALONE_AT_ONCE)
+
+        async def decide(indices: list[int]) -> None:
+            async with gate:
+                for i in indices:
+                    results[i] = await self._alone(reqs[i])
+                    if answer is not None:
+                        answer(i, results[i])
+
+        await asyncio.gather(*(decide(indices) for indices in by_tenant.values()))
+
+    async def _alone(self, req: Request) -> Result:
+        """One request of a failed batch on its own; whatever goes wrong is its alone."""
+        try:
+            return await self.one(req)
+        except QuotaError as err:
+            return err
+        except psycopg.Error as err:  # this request alone: its neighbours stand
+            log.error("request_failed", tenant_id=req.tenant_id, error=str(err))
+            return Unavailable(f"the database refused the request: {err}")
+        except Exception as err:  # a bug: this request fails (INTERNAL), loudly, alone
+            log.exception("request_failed", tenant_id=req.tenant_id)
+            return QuotaError(f"internal error ({type(err).__name__}), logged")
 
     async def reserve(self, req: ReserveRequest) -> Decision:
         req.validate()

@@ -46,6 +46,9 @@ class Settings:
     coalesce_gather_us: int = 2000
     # how long a batch may run before its lane goes on beside it without its tenants
     coalesce_stall_ms: int = 100
+    # how long a batch waits for a row lock held elsewhere before its requests are decided
+    # one by one, each tenant on its own (0: as long as it takes)
+    batch_lock_timeout_ms: int = 1000
     # quota rules
     idempotency_ttl_hours: int = 24
     past_due_grace_days: int = 3
@@ -89,6 +92,7 @@ class Settings:
             coalesce_lanes=_int(env, "QUOTA_COALESCE_LANES", 1),
             coalesce_gather_us=_int(env, "QUOTA_COALESCE_GATHER_US", 2000),
             coalesce_stall_ms=_int(env, "QUOTA_COALESCE_STALL_MS", 100),
+            batch_lock_timeout_ms=_int(env, "QUOTA_BATCH_LOCK_TIMEOUT_MS", 1000),
             idempotency_ttl_hours=_int(env, "IDEMPOTENCY_TTL_HOURS", 24),
             past_due_grace_days=_int(env, "PAST_DUE_GRACE_DAYS", 3),
             reservation_sweep_seconds=_int(env, "RESERVATION_SWEEP_SECONDS", 30),
@@ -125,6 +129,8 @@ class Settings:
             raise InvalidRequest("QUOTA_COALESCE_GATHER_US must be between 0 and 100000")
         if not 0 <= self.coalesce_stall_ms <= 60_000:
             raise InvalidRequest("QUOTA_COALESCE_STALL_MS must be between 0 and 60000")
+        if not 0 <= self.batch_lock_timeout_ms <= 600_000:
+            raise InvalidRequest("QUOTA_BATCH_LOCK_TIMEOUT_MS must be between 0 and 600000")
         if self.past_due_grace_days < 0:
             raise InvalidRequest("PAST_DUE_GRACE_DAYS must not be negative")
         if self.log_format not in {"auto", "json", "console"}:

@@ -189,6 +189,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
             idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
             past_due_grace=timedelta(days=settings.past_due_grace_days),
             acquire_timeout_s=settings.db_acquire_timeout_ms / 1000,
+            batch_lock_timeout_s=settings.batch_lock_timeout_ms / 1000,
         ),
         batch_pool=batch_pool,
     )

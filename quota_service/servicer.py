@@ -90,7 +90,8 @@ class EngineCollector(Collector):
         fallbacks = CounterMetricFamily(
             "quota_batch_fallbacks",
             "Coalesced batches whose requests were all retried one by one: a request_id taken"
-            " meanwhile (race), the database refused the batch (refused), a bug (failed)",
+            " meanwhile (race), a row lock held elsewhere past the batch's lock timeout"
+            " (locked), the database refused the batch (refused), a bug (failed)",
             labels=["reason"],
         )
         for reason, count in self._engine.fallbacks.items():

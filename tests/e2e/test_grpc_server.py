@@ -360,9 +360,9 @@ async def test_the_running_sidecar_tidies_a_tenant_its_batches_decided_one_by_on
                 reason: server.registry.get_sample_value(
                     "quota_batch_fallbacks_total", {"reason": reason}
                 )
-                for reason in ("race", "refused", "failed")
+                for reason in ("race", "locked", "refused", "failed")
             }
-            assert fallbacks == {"race": 0, "refused": 0, "failed": 0}
+            assert fallbacks == {"race": 0, "locked": 0, "refused": 0, "failed": 0}
         balance = await f.fetch(pool, "SELECT balance_micros FROM wallets WHERE tenant_id = %s", t)
         assert balance == [(0,)]
     finally:
@@ -374,11 +374,14 @@ async def test_the_running_sidecar_counts_stalled_batches_and_lost_connections(
     server_url: str,
 ) -> None:
     """What an operator sees when a row lock is held elsewhere and when a backend dies:
-    quota_batch_stalled_total and quota_db_connections_lost_total, each once, while every
-    call is answered."""
-    server, name = await _private_sidecar(server_url, coalesce_stall_ms=50)
+    quota_batch_stalled_total, the batch's fallback past its lock timeout and
+    quota_db_connections_lost_total, each once, while every call is answered."""
+    server, name = await _private_sidecar(
+        server_url, coalesce_stall_ms=50, batch_lock_timeout_ms=150
+    )
     pool = server.pool
     stalled, lost = "quota_batch_stalled_total", "quota_db_connections_lost_total"
+    locked = ("quota_batch_fallbacks_total", {"reason": "locked"})
     try:
         plan = await f.plan(pool, NOW, "stall", [quota("messages", "overall", 10)])
         stuck = await f.tenant(pool, NOW, "stuck-tenant", plan)
@@ -400,6 +403,7 @@ async def test_the_running_sidecar_counts_stalled_batches_and_lost_connections(
                 await holder.commit()
             assert (await asyncio.wait_for(waiting, 5)).windows[0].used == 2
             assert server.registry.get_sample_value(stalled) == 1
+            assert server.registry.get_sample_value(*locked) == 1
             # every backend of the sidecar's database dies (a restart, an idle timeout)
             async with await psycopg.AsyncConnection.connect(
                 libpq_url(server_url), autocommit=True

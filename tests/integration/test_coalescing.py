@@ -400,7 +400,9 @@ async def test_a_twin_committed_meanwhile_is_replayed_not_counted_twice(
     """Another transaction (another sidecar) takes a request_id while the batch decides:
     the batch notices at its claim, rolls back and decides one by one, replaying the twin."""
     clock = FrozenClock(START)
-    engine = QuotaEngine(pool, clock, QuotaRules())
+    # no lock timeout: the batch waits for the twin however slow the machine (the race is
+    # under test here; past a lock timeout the requests would go one by one all the same)
+    engine = QuotaEngine(pool, clock, QuotaRules(batch_lock_timeout_s=0))
     plan = await f.plan(pool, START, uid, [quota("tool_calls", "daily", 10)])
     t = await f.tenant(pool, START, f"twin-{uid}", plan)
     twin = ConsumeRequest(t, "tool_calls", 3, "twin")
@@ -420,7 +422,7 @@ async def test_a_twin_committed_meanwhile_is_replayed_not_counted_twice(
     assert isinstance(first, Decision) and first.allowed and not first.replayed
     assert isinstance(second, Decision) and second.replayed
     assert second.usage_record_id == answer.usage_record_id
-    assert engine.fallbacks == {"race": 1, "refused": 0, "failed": 0}
+    assert engine.fallbacks == {"race": 1, "locked": 0, "refused": 0, "failed": 0}
     [(used, records)] = await f.fetch(
         pool,
         "SELECT (SELECT sum(used) FROM usage_counters WHERE tenant_id = %s),"
@@ -451,7 +453,7 @@ async def test_a_failing_batch_is_decided_one_by_one(
         False,
         "NotFound",
     ]
-    assert engine.fallbacks == {"race": 0, "refused": 0, "failed": 1}
+    assert engine.fallbacks == {"race": 0, "locked": 0, "refused": 0, "failed": 1}
 
 
 async def test_a_bug_that_fails_one_request_alone_fails_only_that_request(
@@ -770,41 +772,106 @@ async def test_a_row_lock_held_elsewhere_stalls_its_tenant_not_the_lane(
     database_url: str, pool: Pool, uid: str
 ) -> None:
     """Another transaction holds one tenant's counter row: the batch with that tenant's
-    request waits on it, and everyone else's requests are decided beside it meanwhile; the
-    tenant's next request waits for the first and counts after it."""
+    request waits on it, and everyone else's requests are decided beside it meanwhile —
+    those that came later in batches of their own, those in the same batch once it gives
+    up at its lock timeout and decides its requests one by one; the tenant's next request
+    waits for the first and counts after it."""
     lane = await open_pool(database_url, 1)
-    engine = QuotaEngine(pool, FrozenClock(START), QuotaRules(), batch_pool=lane)
+    rules = QuotaRules(batch_lock_timeout_s=0.3)
+    engine = QuotaEngine(pool, FrozenClock(START), rules, batch_pool=lane)
     coalescer = Coalescer(engine, lanes=1, gather_s=0, stall_s=0.05)
     coalescer.start()
     try:
         plan = await f.plan(pool, START, uid, [quota("messages", "daily", 100)])
         stuck = await f.tenant(pool, START, f"stuck-{uid}", plan)
-        others = [await f.tenant(pool, START, f"free{i}-{uid}", plan) for i in range(3)]
+        others = [await f.tenant(pool, START, f"free{i}-{uid}", plan) for i in range(5)]
         assert (await coalescer.admit(ConsumeRequest(stuck, "messages", 1, "s0"))).allowed
         async with pool.connection() as blocker, blocker.transaction():
             await blocker.execute(
                 "SELECT 1 FROM usage_counters WHERE tenant_id = %s FOR UPDATE", (stuck,)
             )
+            # queued in one loop turn: one batch, the stuck tenant's request among others'
             first = asyncio.ensure_future(
                 coalescer.admit(ConsumeRequest(stuck, "messages", 1, "s1"))
             )
+            beside = [
+                asyncio.ensure_future(coalescer.admit(ConsumeRequest(t, "messages", 1, "o")))
+                for t in others[:2]
+            ]
             await asyncio.sleep(0.1)
             later = asyncio.ensure_future(
                 coalescer.admit(ConsumeRequest(stuck, "messages", 1, "s2"))
             )
             rest = [
                 asyncio.ensure_future(coalescer.admit(ConsumeRequest(t, "messages", 1, "o")))
-                for t in others
+                for t in others[2:]
             ]
-            done, _ = await asyncio.wait(rest, timeout=10)
-            assert done == set(rest) and all(r.result().allowed for r in rest)
+            done, _ = await asyncio.wait([*beside, *rest], timeout=10)
+            assert done == {*beside, *rest} and all(r.result().allowed for r in done)
             assert not first.done() and not later.done()
-            assert coalescer.overtaken == 1
+            assert coalescer.overtaken == 1 and engine.fallbacks["locked"] == 1
         a, b = await asyncio.wait_for(asyncio.gather(first, later), 10)
         assert [a.windows[0].used, b.windows[0].used] == [2, 3]
+        assert [r.result().windows[0].used for r in beside] == [1, 1]
     finally:
         await coalescer.stop()
         await lane.close()
+
+
+async def test_a_batch_past_its_lock_timeout_answers_each_tenant_as_it_is_decided(
+    database_url: str, pool: Pool, uid: str
+) -> None:
+    """run_batch itself: one tenant's counter row is locked elsewhere past the batch's
+    lock timeout; the batch's transaction gives up, its requests are decided one by one,
+    each tenant on its own, and `answer` hears of the others' while the lock is still held;
+    the locked tenant's two requests are answered once it is free, in their order; every
+    request counts once."""
+    lane = await open_pool(database_url, 1)
+    rules = QuotaRules(batch_lock_timeout_s=0.05)
+    engine = QuotaEngine(pool, FrozenClock(START), rules, batch_pool=lane)
+    try:
+        plan = await f.plan(pool, START, uid, [quota("messages", "daily", 100)])
+        stuck = await f.tenant(pool, START, f"stuck-{uid}", plan)
+        others = [await f.tenant(pool, START, f"free{i}-{uid}", plan) for i in range(3)]
+        [first] = await engine.run_batch([ConsumeRequest(stuck, "messages", 1, "s0")])
+        assert isinstance(first, Decision) and first.allowed  # its counter row exists now
+        reqs: list[Request] = [
+            ConsumeRequest(stuck, "messages", 1, "s1"),
+            *(ConsumeRequest(t, "messages", 1, "o") for t in others),
+            ConsumeRequest(stuck, "messages", 0, "bad"),  # invalid: answered at once
+            ConsumeRequest(stuck, "messages", 1, "s2"),
+        ]
+        answered: dict[int, Result] = {}
+        free = asyncio.Event()
+
+        def answer(i: int, result: Result) -> None:
+            answered[i] = result
+            if {1, 2, 3, 4} <= answered.keys():
+                free.set()
+
+        async with pool.connection() as blocker, blocker.transaction():
+            await blocker.execute(
+                "SELECT 1 FROM usage_counters WHERE tenant_id = %s FOR UPDATE", (stuck,)
+            )
+            batch = asyncio.ensure_future(engine.run_batch(reqs, answer=answer))
+            await asyncio.wait_for(free.wait(), 10)
+            assert answered.keys() == {1, 2, 3, 4} and not batch.done()
+            assert isinstance(answered[4], QuotaError)
+            assert engine.fallbacks == {"race": 0, "locked": 1, "refused": 0, "failed": 0}
+        results = await asyncio.wait_for(batch, 10)
+    finally:
+        await lane.close()
+    assert answered == dict(enumerate(results))
+    used = [r.windows[0].used if isinstance(r, Decision) else None for r in results]
+    assert used == [2, 1, 1, 1, None, 3]
+    books = await f.fetch(
+        pool,
+        "SELECT c.tenant_id, c.used, (SELECT sum(amount) FROM usage_records r"
+        " WHERE r.tenant_id = c.tenant_id) FROM usage_counters c"
+        " WHERE c.tenant_id = ANY(%s) ORDER BY c.tenant_id",
+        [stuck, *others],
+    )
+    assert sorted(b[1:] for b in books) == [(1, 1)] * 3 + [(3, 3)]
 
 
 async def test_a_connection_that_died_between_calls_is_replaced_unnoticed(

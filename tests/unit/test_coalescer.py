@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import pytest
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from billing_core.errors import QuotaError
 from billing_core.limits import Reason
+from billing_core.quota_batch import Result
 from billing_core.quota_engine import QuotaEngine
 from billing_core.usage import ConsumeRequest, Decision
 from quota_service.coalescer import Coalescer
@@ -24,7 +25,11 @@ class _Recorder:
         self.batches: list[list[str]] = []
 
     async def run_batch(
-        self, reqs: Sequence[ConsumeRequest], *, overflow: bool = False
+        self,
+        reqs: Sequence[ConsumeRequest],
+        *,
+        overflow: bool = False,
+        answer: Callable[[int, Result], None] | None = None,
     ) -> list[Decision | QuotaError]:
         self.batches.append([r.request_id for r in reqs])
         await asyncio.sleep(0)  # a database round trip, in spirit
@@ -101,19 +106,31 @@ async def test_a_backlog_as_big_as_the_last_batch_grows_the_next_one() -> None:
 
 
 class _Staller(_Recorder):
-    """A batch holding tenant "stuck" waits (as on a row lock held elsewhere) until let go."""
+    """A batch holding tenant "stuck" waits (as on a row lock held elsewhere) until let go;
+    with `rescue`, it first answers everyone else's requests in it (as run_batch does after
+    a lock timeout, deciding them one by one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, rescue: bool = False) -> None:
         super().__init__()
         self.let_go = asyncio.Event()
         self.overflows: list[bool] = []
+        self.rescue = rescue
 
     async def run_batch(
-        self, reqs: Sequence[ConsumeRequest], *, overflow: bool = False
+        self,
+        reqs: Sequence[ConsumeRequest],
+        *,
+        overflow: bool = False,
+        answer: Callable[[int, Result], None] | None = None,
     ) -> list[Decision | QuotaError]:
         self.overflows.append(overflow)
         if any(r.tenant_id == "stuck" for r in reqs):
             self.batches.append([r.request_id for r in reqs])
+            if self.rescue and answer is not None:
+                await asyncio.sleep(0.01)  # the lock timeout, in spirit
+                for i, r in enumerate(reqs):
+                    if r.tenant_id != "stuck":
+                        answer(i, Decision(True, Reason.ALLOWED, ()))
             await self.let_go.wait()
             return [Decision(True, Reason.ALLOWED, ()) for _ in reqs]
         return await super().run_batch(reqs)
@@ -153,23 +170,65 @@ async def test_a_stalled_batch_holds_up_its_own_tenants_only(stall_s: float) -> 
         assert staller.batches == [["s1"], ["s2", "o0", "o1", "o2"]]
 
 
-class _Sleeper(_Recorder):
-    """Each batch takes its own time (some far past stall_s); checks that no two batches
-    that run at once share a tenant."""
+async def test_tenants_a_stalled_batch_answered_early_go_on_without_it() -> None:
+    """A stalled batch that answers its other tenants' requests early (decided one by one
+    after its lock timeout) lets those tenants go: their next requests are decided while
+    it still waits; the stuck tenant's next request still waits for it."""
+    staller = _Staller(rescue=True)
+    coalescer = Coalescer(cast(QuotaEngine, staller), lanes=1, gather_s=0, stall_s=3600)
+    coalescer.start()
+    try:
+        first = [
+            asyncio.ensure_future(coalescer.admit(_of(t, r)))
+            for t, r in (("stuck", "s1"), ("a", "a1"), ("b", "b1"))
+        ]
+        done, _ = await asyncio.wait(first, timeout=10)
+        assert done == set(first[1:])  # answered while the batch waits on
+        later = [
+            asyncio.ensure_future(coalescer.admit(_of(t, r)))
+            for t, r in (("stuck", "s2"), ("a", "a2"))
+        ]
+        done, _ = await asyncio.wait(later, timeout=10)
+        # the stall bound is an hour: a2 went beside the batch because its tenant was let go
+        assert done == {later[1]} and not first[0].done()
+        staller.let_go.set()
+        await asyncio.wait_for(asyncio.gather(*first, *later), 60)  # safety net only
+    finally:
+        await coalescer.stop()
+    assert staller.batches == [["s1", "a1", "b1"], ["a2"], ["s2"]]
 
-    def __init__(self, delays: list[float]) -> None:
+
+class _Sleeper(_Recorder):
+    """Each batch takes its own time (some far past stall_s), and some answer all but their
+    first tenant's requests early (as a batch decided one by one after a lock timeout does);
+    checks that no two batches share a tenant whose requests are not all answered."""
+
+    def __init__(self, delays: list[float], early: list[bool]) -> None:
         super().__init__()
         self.delays = delays
+        self.early = early
         self.running: set[str] = set()
 
     async def run_batch(
-        self, reqs: Sequence[ConsumeRequest], *, overflow: bool = False
+        self,
+        reqs: Sequence[ConsumeRequest],
+        *,
+        overflow: bool = False,
+        answer: Callable[[int, Result], None] | None = None,
     ) -> list[Decision | QuotaError]:
         tenants = {r.tenant_id for r in reqs}
         assert not tenants & self.running, "two running batches share a tenant"
         self.running |= tenants
         self.batches.append([r.request_id for r in reqs])
-        await asyncio.sleep(self.delays[len(self.batches) % len(self.delays)])
+        n = len(self.batches)
+        if self.early[n % len(self.early)] and answer is not None:
+            await asyncio.sleep(0)
+            for i, r in enumerate(reqs):
+                if r.tenant_id != reqs[0].tenant_id:
+                    self.running.discard(r.tenant_id)
+                    answer(i, Decision(True, Reason.ALLOWED, ()))
+            tenants = {reqs[0].tenant_id}
+        await asyncio.sleep(self.delays[n % len(self.delays)])
         self.running -= tenants
         return [Decision(True, Reason.ALLOWED, ()) for _ in reqs]
 
@@ -182,15 +241,17 @@ class _Sleeper(_Recorder):
         max_size=40,
     ),
     delays=st.lists(st.sampled_from([0, 0.001, 0.003, 0.02]), min_size=1, max_size=6),
+    early=st.lists(st.booleans(), min_size=1, max_size=6),
     max_batch=st.sampled_from([2, 3, 128]),
 )
 async def test_batches_beside_stalled_ones_keep_each_tenants_order(
-    arrivals: list[tuple[str, float]], delays: list[float], max_batch: int
+    arrivals: list[tuple[str, float]], delays: list[float], early: list[bool], max_batch: int
 ) -> None:
-    """Whatever the arrivals, however long each batch takes (stall_s is 2 ms here) and
-    however small batches must be: every request is decided exactly once, batches that run
-    at once share no tenant, and each tenant's requests are decided in arrival order."""
-    sleeper = _Sleeper(delays)
+    """Whatever the arrivals, however long each batch takes (stall_s is 2 ms here), whether
+    it answers some tenants early, and however small batches must be: every request is
+    decided exactly once, batches that run at once share no tenant with requests still
+    unanswered, and each tenant's requests are decided in arrival order."""
+    sleeper = _Sleeper(delays, early)
     coalescer = Coalescer(
         cast(QuotaEngine, sleeper), lanes=1, max_batch=max_batch, gather_s=0.001, stall_s=0.002
     )

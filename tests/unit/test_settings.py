@@ -23,6 +23,8 @@ def test_defaults_and_overrides() -> None:
         ({"QUOTA_COALESCE_GATHER_US": "2ms"}, "must be an integer"),
         ({"QUOTA_COALESCE_STALL_MS": "-1"}, "QUOTA_COALESCE_STALL_MS must be between"),
         ({"QUOTA_COALESCE_STALL_MS": "60001"}, "QUOTA_COALESCE_STALL_MS must be between"),
+        ({"QUOTA_BATCH_LOCK_TIMEOUT_MS": "-1"}, "QUOTA_BATCH_LOCK_TIMEOUT_MS must be between"),
+        ({"QUOTA_BATCH_LOCK_TIMEOUT_MS": "600001"}, "QUOTA_BATCH_LOCK_TIMEOUT_MS must be"),
         ({"QUOTA_COALESCE_LANES": "0"}, "QUOTA_COALESCE_LANES must be between 1 and 64"),
         ({"QUOTA_COALESCE_LANES": "65"}, "QUOTA_COALESCE_LANES must be between 1 and 64"),
         ({"QUOTA_DB_POOL_SIZE": "0"}, "QUOTA_DB_POOL_SIZE must be at least 1"),
