@@ -45,7 +45,9 @@ MODEL = "coalesce-model"
 def outcome(result: Result) -> Any:
     """What a caller sees, without the ids that differ between two tenants."""
     if isinstance(result, QuotaError):  # without the side's tenant and reservation ids
-        message = re.sub(r"rsv_\w+", "rsv_", re.sub(r"'(one|many)(\d)-", r"'\2-", result.message))
+        message = re.sub(
+            r"rsv_\w+", "rsv_", re.sub(r"'(one|many|alone)(\d)-", r"'\2-", result.message)
+        )
         return (type(result).__name__, message)
     if isinstance(result, bool):  # a Release
         return result
@@ -239,7 +241,7 @@ async def test_batches_decide_exactly_like_one_by_one(
     earlier = QuotaEngine(pool, FrozenClock(START - timedelta(hours=1)), QuotaRules())
     names: dict[str, list[str]] = {}
     expired_ids: dict[str, str] = {}
-    for side in ("one", "many"):
+    for side in ("one", "many", "alone"):
         names[side] = [f"{side}{k}-{tag}" for k in range(4)]
         credits, broke, expired, reserved = names[side]
         await f.tenant(pool, START, credits, plan, credits_micros=400)
@@ -260,7 +262,7 @@ async def test_batches_decide_exactly_like_one_by_one(
         expired_ids[side] = held.reservation_id
 
     batch_of = _batch_of(len(workload), cuts)
-    answers: dict[str, list[Result]] = {"one": [], "many": []}
+    answers: dict[str, list[Result]] = {"one": [], "many": [], "alone": []}
 
     def make(side: str, p: int) -> Request:
         who, resource, amount, rid, dry, model, kind = workload[p]
@@ -300,14 +302,22 @@ async def test_batches_decide_exactly_like_one_by_one(
         except QuotaError as exc:
             answers["one"].append(exc)
 
+    # the same batches with the set-based path broken: decided one by one, each tenant in
+    # order and tenants side by side (the fallback) — the order between tenants changes nothing
+    with pytest.MonkeyPatch.context() as broken:
+        _break_the_batch_path(broken)
+        for b in range(batch_of[-1] + 1):
+            batch = [make("alone", p) for p in range(len(workload)) if batch_of[p] == b]
+            answers["alone"] += await engine.run_batch(batch)
     _without_fallback(engine)
     for b in range(batch_of[-1] + 1):
         batch = [make("many", p) for p in range(len(workload)) if batch_of[p] == b]
         answers["many"] += await engine.run_batch(batch)
-    batched, sequential = answers["many"], answers["one"]
-    assert [outcome(r) for r in batched] == [outcome(r) for r in sequential]
-    for one, many in zip(names["one"], names["many"], strict=True):
-        assert await books(pool, many) == await books(pool, one)
+    sequential = [outcome(r) for r in answers["one"]]
+    assert [outcome(r) for r in answers["many"]] == sequential
+    assert [outcome(r) for r in answers["alone"]] == sequential
+    for one, many, alone in zip(names["one"], names["many"], names["alone"], strict=True):
+        assert await books(pool, many) == await books(pool, one) == await books(pool, alone)
     assert upgrade  # offered to denied message requests when it would have allowed them
 
 
