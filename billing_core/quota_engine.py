@@ -350,7 +350,7 @@ class QuotaEngine:
         await asyncio.gather(*(decide(indices) for indices in by_tenant.values()))
 
     async def _alone(self, req: Request) -> Result:
-        """One request of a failed batch on its own; whatever goes wrong is its alone."""
+        """One request of a failed batch on its own: whatever goes wrong fails it alone."""
         try:
             return await self.one(req)
         except QuotaError as err:
