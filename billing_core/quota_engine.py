@@ -171,6 +171,8 @@ class QuotaEngine:
         self._batch_pool = batch_pool or pool
         self._clock = clock
         self._rules = rules
+        # the batches' settings parameters, derived once (PostgreSQL takes milliseconds)
+        self._batch_settings = {"lock_timeout": str(round(rules.batch_lock_timeout_s * 1000))}
         self._shapes = ShapeMemo()
         # tenants whose calls a batch left to the one-by-one path for lazily expiring state;
         # `untidy_found` is set while there are any (the sidecar's sweep waits on it)
@@ -258,7 +260,6 @@ class QuotaEngine:
                 results[i] = exc
         if not valid:
             return [results[i] for i in range(len(reqs))]
-        lock_timeout = {"lock_timeout": str(round(self._rules.batch_lock_timeout_s * 1000))}
 
         async def attempt() -> tuple[dict[int, Result], int, set[str]]:
             batch = [reqs[i] for i in valid]
@@ -267,7 +268,7 @@ class QuotaEngine:
             async with pool.connection(timeout=timeout) as conn:
                 async with Wire.open(conn) as wire:  # two round trips for a whole batch
                     wire.send(BEGIN)
-                    wire.send(_BATCH_SETTINGS, lock_timeout)
+                    wire.send(_BATCH_SETTINGS, self._batch_settings)
                     outcome = await decide_batch(
                         wire,
                         batch,
