@@ -34,11 +34,16 @@ import grpc
 import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from billing_core import catalog
-from billing_core.catalog import PlanSpec, quota
+from billing_core.billing.model import PlanSpec, PriceView, quota
+from billing_core.billing.plans import create_plan
+from billing_core.billing.prices import set_price
+from billing_core.billing.subscriptions import subscribe
+from billing_core.billing.tenants import create_tenant
+from billing_core.billing.wallet import credit
 from billing_core.db.embedded import drop_database, ensure_database, start_embedded
 from billing_core.db.migrate import upgrade
 from billing_core.db.pool import open_pool
+from billing_core.db.unit_of_work import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -233,12 +238,13 @@ def drive(server: Server, scenario: str, in_flight: int, cfg: Config) -> Result:
 async def seed(database_url: str, cfg: Config) -> None:
     """Plans, prices and tenants for every scenario (once)."""
     now = datetime.now(UTC)
-    pool = await open_pool(database_url, 2)
+    db = await Database.open(database_url, 2)
     try:
-        async with pool.connection() as conn:
-            await catalog.set_model_price(conn, "bench", "bench-model", 1_000_000, 0, now)
-            hot = await catalog.create_plan(
-                conn,
+        async with db.transaction() as uow:
+            await set_price(uow, "bench", PriceView("bench", "bench-model", now, 1_000_000, 0), now)
+            hot = await create_plan(
+                uow,
+                "bench",
                 PlanSpec(
                     name="bench-hot",
                     price_cents=1000,
@@ -250,16 +256,19 @@ async def seed(database_url: str, cfg: Config) -> None:
                 ),
                 now,
             )
-            wide = await catalog.create_plan(
-                conn,
+            wide = await create_plan(
+                uow,
+                "bench",
                 PlanSpec(name="bench-wide", price_cents=500,
                          quotas=(quota("messages", "daily", 10**12),
                                  quota("messages", "monthly", 10**12))),
                 now,
             )  # fmt: skip
-            await catalog.create_tenant(conn, HOT, "hot", now)
-            await catalog.assign_plan(conn, HOT, hot, now)
-            await catalog.grant_credits(conn, HOT, 10**15, now, reason="bench")
+            await create_tenant(uow, "bench", HOT, "hot", now)
+            await subscribe(uow, "bench", HOT, hot.plan_id, now)
+            await credit(uow, HOT, 10**15, now, reason="bench")
+        async with db.pool.connection() as conn:
+            # ten thousand tenants at once: straight into their tables
             await conn.execute(
                 "INSERT INTO tenants (tenant_id, name, timezone, created_at)"
                 " SELECT 'bench-' || lpad(i::text, 5, '0'), 'bench', 'UTC', %s"
@@ -271,10 +280,10 @@ async def seed(database_url: str, cfg: Config) -> None:
                 " is_current, billing_cycle_anchor, created_at, updated_at)"
                 " SELECT 'bench-' || lpad(i::text, 5, '0'), 'sub-bench-' || i, %s, 'active',"
                 " true, %s, %s, %s FROM generate_series(0, %s - 1) i",
-                (wide, now, now, now, cfg.tenants),
+                (wide.plan_id, now, now, now, cfg.tenants),
             )
     finally:
-        await pool.close()
+        await db.close()
 
 
 def vacuum(database_url: str) -> None:

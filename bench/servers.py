@@ -29,8 +29,8 @@ from quota.v1 import quota_service_pb2_grpc as pb_grpc
 
 from billing_core.db.pool import open_pool
 from billing_core.db.wire import BEGIN, COMMIT, Statement, Wire
-from billing_core.periods import tenant_zone, window_for
-from billing_core.resources import Period
+from billing_core.rules.periods import tenant_zone, window_for
+from billing_core.rules.resources import Period
 
 _TOMORROW = Timestamp(seconds=1_900_000_000)
 _UTC = tenant_zone("UTC")

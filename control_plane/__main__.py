@@ -10,25 +10,27 @@ from datetime import UTC, datetime
 
 import uvicorn
 
-from billing_core import billing_flows, demo
-from billing_core.admin import plans as admin_plans
-from billing_core.api_keys import create_api_key
+from billing_core.billing import demo, plans, subscriptions
+from billing_core.billing.api_keys import create_api_key
 from billing_core.db.migrate import upgrade
-from billing_core.db.pool import open_pool
-from billing_core.db.quota_store import Conn
+from billing_core.db.unit_of_work import Database, UnitOfWork
 from billing_core.errors import QuotaError
 from billing_core.logs import configure_logging
 from billing_core.settings import Settings
 from control_plane.app import create_app
 
+ACTOR = "cli"
 
-async def _with_conn(settings: Settings, work: Callable[[Conn], Awaitable[None]]) -> None:
-    pool = await open_pool(settings.require_database(), 1)
+
+async def _in_transaction(
+    settings: Settings, work: Callable[[UnitOfWork], Awaitable[None]]
+) -> None:
+    db = await Database.open(settings.require_database(), 1)
     try:
-        async with pool.connection() as conn:
-            await work(conn)
+        async with db.transaction() as uow:
+            await work(uow)
     finally:
-        await pool.close()
+        await db.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,22 +59,22 @@ def main(argv: list[str] | None = None) -> int:
             upgrade(settings.require_database())
         elif args.command == "create-api-key":
 
-            async def make_key(conn: Conn) -> None:
-                print(await create_api_key(conn, args.name, now))
+            async def make_key(uow: UnitOfWork) -> None:
+                print(await create_api_key(uow, ACTOR, args.name, now))
 
-            asyncio.run(_with_conn(settings, make_key))
+            asyncio.run(_in_transaction(settings, make_key))
         elif args.command == "seed-demo":
 
-            async def seed(conn: Conn) -> None:
-                print("seeded" if await demo.seed_demo(conn, now) else "already seeded")
+            async def seed(uow: UnitOfWork) -> None:
+                print("seeded" if await demo.seed_demo(uow, now) else "already seeded")
 
-            asyncio.run(_with_conn(settings, seed))
+            asyncio.run(_in_transaction(settings, seed))
         elif args.command == "list-plans":
 
-            async def plans(conn: Conn) -> None:
+            async def list_plans(uow: UnitOfWork) -> None:
                 cursor = None
                 while True:
-                    page = await admin_plans.list_plans(conn, limit=200, cursor=cursor)
+                    page = await plans.list_plans(uow, limit=200, cursor=cursor)
                     for view in page.items:
                         spec = view.spec
                         price = f"{spec.price_cents // 100}.{spec.price_cents % 100:02d}"
@@ -81,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                     if (cursor := page.next_cursor) is None:
                         break
 
-            asyncio.run(_with_conn(settings, plans))
+            asyncio.run(_in_transaction(settings, list_plans))
         elif args.command == "expire-trials":
 
-            async def expire(conn: Conn) -> None:
-                print(f"expired {await billing_flows.expire_trials(conn, now)} trial(s)")
+            async def expire(uow: UnitOfWork) -> None:
+                expired = await subscriptions.expire_trials(uow, ACTOR, now)
+                print(f"expired {expired} trial(s)")
 
-            asyncio.run(_with_conn(settings, expire))
+            asyncio.run(_in_transaction(settings, expire))
     except QuotaError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

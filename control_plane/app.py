@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import timedelta
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -18,12 +17,14 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from billing_core import billing_flows
-from billing_core.billing import BillingAdapter
+from billing_core.billing import subscriptions
+from billing_core.billing.provider import BillingAdapter
 from billing_core.clock import Clock, SystemClock
 from billing_core.db.migrate import head_revision
-from billing_core.db.pool import open_pool, ping
+from billing_core.db.unit_of_work import Database
+from billing_core.quota.engine import QuotaEngine, QuotaRules
 from billing_core.settings import Settings
+from control_plane import pages
 from control_plane.api import payments, v1
 from control_plane.api.auth import ApiKeyAuth
 from control_plane.api.docs import render_docs
@@ -37,14 +38,6 @@ API_VERSION = "1.0.0"
 
 
 ENDPOINTS = [*v1.ENDPOINTS, *payments.ENDPOINTS]
-
-RETURN_PAGE = (
-    "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Payment received</title>"
-    "<style>body{font:16px system-ui;max-width:36rem;margin:3rem auto;padding:0 1rem}</style>"
-    "</head><body><h1>Payment received — activating…</h1><p id='activating'>Thank you. Your "
-    "subscription becomes active as soon as Stripe confirms the payment to us, usually within "
-    "seconds. This page does not change your plan by itself.</p></body></html>"
-)
 
 
 def create_app(
@@ -63,9 +56,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pool: AsyncConnectionPool[Any] = await open_pool(settings.require_database(), 8)
-        app.state.pool = pool
-        expiry = asyncio.create_task(_expire_trials_forever(pool, clock, settings))
+        db = await Database.open(settings.require_database(), 8)
+        app.state.db = db
+        grace = timedelta(days=settings.past_due_grace_days)
+        app.state.engine = QuotaEngine(db.quota_store, clock, QuotaRules(past_due_grace=grace))
+        expiry = asyncio.create_task(_expire_trials_forever(db, clock, settings))
         try:
             yield
         finally:
@@ -73,15 +68,15 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
             await app.state.billing.aclose()
-            await pool.close()
+            await db.close()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        pool: AsyncConnectionPool[Any] = request.app.state.pool
-        database = await ping(pool)
-        migrations = database and await _revision(pool) == head_revision()
+        db: Database = request.app.state.db
+        database = await db.ping()
+        migrations = database and await db.schema_revision() == head_revision()
         ready = database and migrations
         body = {
             "status": "ready" if ready else "not ready",
@@ -99,9 +94,6 @@ def create_app(
     async def docs(request: Request) -> Response:
         return HTMLResponse(docs_html)
 
-    async def billing_return(request: Request) -> Response:
-        return HTMLResponse(RETURN_PAGE)
-
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         detail = {404: "no such resource", 405: "method not allowed on this resource"}
@@ -118,7 +110,8 @@ def create_app(
             Route("/metrics", metrics),
             Route("/openapi.json", openapi_json),
             Route("/docs", docs),
-            Route("/billing/return", billing_return),
+            Route("/billing", pages.billing),
+            Route("/billing/return", pages.checkout_return),
             Route("/webhooks/stripe", stripe_webhook(clock), methods=["POST"]),
             *(route(ep, clock) for ep in ENDPOINTS),
         ],
@@ -132,14 +125,12 @@ def create_app(
     return app
 
 
-async def _expire_trials_forever(
-    pool: AsyncConnectionPool[Any], clock: Clock, settings: Settings
-) -> None:
+async def _expire_trials_forever(db: Database, clock: Clock, settings: Settings) -> None:
     """The periodic half of trial expiry (the CLI's expire-trials is the other)."""
     while True:
         try:
-            async with pool.connection(timeout=5.0) as conn:
-                expired = await billing_flows.expire_trials(conn, clock.now())
+            async with db.transaction() as uow:
+                expired = await subscriptions.expire_trials(uow, "trial-expiry", clock.now())
             if expired:
                 log.info("trials_expired", count=expired)
         except Exception as exc:
@@ -166,13 +157,3 @@ class CountRequests:
             await send(message)
 
         await self.app(scope, receive, sending)
-
-
-async def _revision(pool: AsyncConnectionPool[Any]) -> str | None:
-    try:
-        async with pool.connection(timeout=2.0) as conn:
-            cur = await conn.execute("SELECT version_num FROM alembic_version")
-            row = await cur.fetchone()
-    except Exception:
-        return None
-    return None if row is None else str(row[0])

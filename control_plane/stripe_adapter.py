@@ -13,8 +13,9 @@ import stripe
 from stripe.params import CustomerCreateParams
 from stripe.params.checkout import SessionCreateParamsSubscriptionData
 
-from billing_core.billing import (
+from billing_core.billing.provider import (
     BillingEvent,
+    EventKind,
     InvalidSignature,
     PriceRef,
     ProviderInvoice,
@@ -92,6 +93,18 @@ def invoice_from(data: Mapping[str, Any]) -> ProviderInvoice:
     )
 
 
+# Stripe's event types the platform acts on; every other one is stored and ignored
+EVENT_KINDS = {
+    "checkout.session.completed": EventKind.CHECKOUT_COMPLETED,
+    "customer.subscription.created": EventKind.SUBSCRIPTION_CHANGED,
+    "customer.subscription.updated": EventKind.SUBSCRIPTION_CHANGED,
+    "customer.subscription.deleted": EventKind.SUBSCRIPTION_ENDED,
+    "customer.subscription.trial_will_end": EventKind.TRIAL_ENDING,
+    "invoice.paid": EventKind.INVOICE_PAID,
+    "invoice.payment_failed": EventKind.PAYMENT_FAILED,
+}
+
+
 def event_from(payload: Mapping[str, Any]) -> BillingEvent:
     try:
         obj = payload["data"]["object"]
@@ -109,6 +122,7 @@ def event_from(payload: Mapping[str, Any]) -> BillingEvent:
         return BillingEvent(
             event_id=str(payload["id"]),
             type=str(payload["type"]),
+            kind=EVENT_KINDS.get(str(payload["type"]), EventKind.OTHER),
             created=datetime.fromtimestamp(int(payload["created"]), UTC),
             customer_id=customer if isinstance(customer, str) else None,
             subscription_id=subscription_id,

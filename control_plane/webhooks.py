@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from billing_core import webhook_events
-from billing_core.billing import BillingAdapter, InvalidSignature
+from billing_core.billing import webhooks
+from billing_core.billing.provider import BillingAdapter, InvalidSignature
 from billing_core.clock import Clock
+from billing_core.db.unit_of_work import Database
 from control_plane.api.problems import problem
 
 MAX_WEBHOOK_BYTES = 512 * 1024
@@ -24,7 +24,7 @@ log = structlog.get_logger()
 def stripe_webhook(clock: Clock) -> Any:
     async def endpoint(request: Request) -> Response:
         adapter: BillingAdapter = request.app.state.billing
-        pool: AsyncConnectionPool[Any] = request.app.state.pool
+        db: Database = request.app.state.db
         raw = await request.body()
         if len(raw) > MAX_WEBHOOK_BYTES:
             return problem(400, "the webhook body is too large", slug="invalid-webhook")
@@ -33,8 +33,7 @@ def stripe_webhook(clock: Clock) -> Any:
         except InvalidSignature as exc:
             return problem(400, f"webhook rejected: {exc}", slug="invalid-webhook")
         try:
-            async with pool.connection(timeout=5.0) as conn:
-                status, duplicate = await webhook_events.receive(conn, adapter, event, clock.now())
+            status, duplicate = await webhooks.receive(db, adapter, event, clock.now())
         except Exception as exc:
             log.error("webhook_not_applied", event_id=event.event_id, error=type(exc).__name__)
             return problem(

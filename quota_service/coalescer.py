@@ -1,31 +1,18 @@
-"""Request coalescing for CheckAndConsume, Reserve, Commit and Release: concurrent requests
-share one transaction.
+"""Request coalescing: concurrent CheckAndConsume, Reserve, Commit, Release and Free calls
+share one transaction (QuotaEngine.run_batch), decided exactly as they would be one by one.
 
-Requests go to a lane chosen by tenant, so one tenant's requests are always decided in
-arrival order by the same lane. A lane takes whatever has queued up while its previous
-batch ran and decides the batch set-based in one transaction with one commit
-(QuotaEngine.run_batch). A request that arrives at an idle lane whose previous batch
-was a single request is decided at once, never held back for company; under load (the
-previous batch had company) the lane first waits — at most `gather_s` — until as many
-requests have queued as last time, so batches do not shrink just because the database
-answered quickly, and until twice as many when as many as last time were already waiting
-(a backlog: the load outgrows batches of that size, and each batch costs the event loop a
-fixed share besides its requests; measured at 64 in flight: batches of 13 to 18 instead of
-10, 0.54 to 0.59 ms of CPU per call instead of 0.64 to 0.80; at 2, 4 and 8 in flight no
-slower). One lane is the default: a batch holds any mix of tenants, and on a
-small machine the CPU, not the database, is the limit; more lanes (QUOTA_COALESCE_LANES)
-overlap database round trips where there are cores to spare.
+Requests go to a lane chosen by tenant, so one tenant's requests are decided in arrival
+order. A lane takes whatever queued while its previous batch ran. A request at an idle lane
+whose previous batch was a single request is decided at once; under load the lane waits,
+at most `gather_s`, until as many requests as last time have queued (twice as many when a
+backlog that size was already waiting), so batches do not shrink because the database
+answered quickly.
 
-A batch that runs longer than `stall_s` (it waits on a row lock held elsewhere: an
-operator's transaction, another sidecar's batch, a stuck session) does not hold up the
-lane: the lane goes on with the next batch beside it, on a connection of the shared pool,
-leaving out the stalled batch's tenants, whose requests wait for it to keep their order.
-So one tenant's lock stalls that tenant, not everyone who shares its lane (measured:
-without this, a 4 s lock on one of 10,000 tenants held every call of the sidecar for up
-to 2 s). Nor does it stall the others in its batch for long: past the batch's lock timeout
-the engine decides them one by one and answers each as it goes (run_batch's `answer`); a
-tenant all of whose requests are answered is let go, and its next requests go on beside
-the batch."""
+A batch that runs longer than `stall_s` (waiting on a row lock held elsewhere) does not hold
+up its lane: the lane goes on beside it, on the shared pool, without the stalled batch's
+tenants, whose requests wait to keep their order. Tenants the stalled batch answers early
+(decided one per transaction after its lock timeout) are released at once.
+"""
 
 from __future__ import annotations
 
@@ -39,18 +26,18 @@ from dataclasses import dataclass, field
 import structlog
 
 from billing_core.errors import QuotaError
-from billing_core.quota_batch import Request, Result
-from billing_core.quota_engine import QuotaEngine
-from billing_core.usage import (
+from billing_core.quota.answers import CommitResult, Decision, FreeResult, Result
+from billing_core.quota.engine import QuotaEngine
+from billing_core.quota.requests import (
     CommitRequest,
-    CommitResult,
     ConsumeRequest,
-    Decision,
+    FreeRequest,
     ReleaseRequest,
+    Request,
 )
 
 log = structlog.get_logger(__name__)
-_Item = tuple[Request, "asyncio.Future[Decision | CommitResult | bool]"]
+_Item = tuple[Request, "asyncio.Future[Result]"]
 # the most batches of one lane at once: its own, and those that went on without stalled ones
 MAX_RUNNING = 4
 
@@ -114,12 +101,20 @@ class Coalescer:
         assert isinstance(result, bool)
         return result
 
-    async def _decide(self, req: Request) -> Decision | CommitResult | bool:
+    async def free(self, req: FreeRequest) -> FreeResult:
+        result = await self._decide(req)
+        assert isinstance(result, FreeResult)
+        return result
+
+    async def _decide(self, req: Request) -> Result:
         if not self._lanes:
-            return await self.engine.one(req)
+            result = await self.engine.decide(req)
+            if isinstance(result, QuotaError):
+                raise result
+            return result
         lane = self._lanes[zlib.crc32(req.tenant_id.encode()) % len(self._lanes)]
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Decision | CommitResult | bool] = loop.create_future()
+        future: asyncio.Future[Result] = loop.create_future()
         lane.pending.append((req, future))
         if len(lane.pending) >= lane.want:
             _resolve(lane.wake)
@@ -161,15 +156,15 @@ class Coalescer:
             self.requests += len(batch)
             if self.on_batch is not None:
                 self.on_batch(len(batch))
-            let_go: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            execute = self._execute(lane, batch, let_go, overflow=bool(lane.running))
+            released_early: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            execute = self._execute(lane, batch, released_early, shared=bool(lane.running))
             task = asyncio.create_task(execute)
             lane.running.add(task)
             # the next batch forms once this one is done: from what queued up meanwhile —
             # or, when this one stalls (a lock held elsewhere) or lets some of its tenants
             # go early (decided one by one after its lock timeout), without its other tenants
             done, _ = await asyncio.wait(
-                {task, let_go} if self.stall_s else {task},
+                {task, released_early} if self.stall_s else {task},
                 timeout=self.stall_s or None,
                 return_when=asyncio.FIRST_COMPLETED,
             )
@@ -206,9 +201,9 @@ class Coalescer:
         self,
         lane: _Lane,
         batch: list[_Item],
-        let_go: asyncio.Future[None],
+        released_early: asyncio.Future[None],
         *,
-        overflow: bool,
+        shared: bool,
     ) -> None:
         # requests not answered yet, by tenant: a tenant all of whose requests are answered
         # (a batch decided one by one after a lock timeout answers them as it goes) is no
@@ -223,11 +218,11 @@ class Coalescer:
                 del left[req.tenant_id]
                 lane.busy.discard(req.tenant_id)
                 _resolve(lane.wake)
-                _resolve(let_go)
+                _resolve(released_early)
 
         try:
             results = await self.engine.run_batch(
-                [req for req, _ in batch], overflow=overflow, answer=answer
+                [req for req, _ in batch], shared=shared, answer=answer
             )
         except Exception as exc:  # never leave a caller waiting
             for _, fut in batch:
@@ -242,7 +237,7 @@ class Coalescer:
             _resolve(lane.wake)
 
 
-def _settle(future: asyncio.Future[Decision | CommitResult | bool], result: Result) -> None:
+def _settle(future: asyncio.Future[Result], result: Result) -> None:
     """Answer a caller, unless it was answered already or gave up."""
     if future.done():
         return

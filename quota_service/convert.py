@@ -7,22 +7,18 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 from quota.v1 import quota_service_pb2 as pb
 
-from billing_core.limits import Reason, WindowState
-from billing_core.pricing import TokenUsage
-from billing_core.resources import Period
-from billing_core.usage import (
+from billing_core.quota.answers import CommitResult, Decision, FreeResult, UsageReport, WindowView
+from billing_core.quota.requests import (
     CommitRequest,
-    CommitResult,
     ConsumeRequest,
-    Decision,
     FreeRequest,
-    FreeResult,
     ReleaseRequest,
     ReserveRequest,
-    UsageReport,
     UsageRequest,
-    WindowView,
 )
+from billing_core.rules.limits import Reason, WindowState
+from billing_core.rules.pricing import TokenUsage
+from billing_core.rules.resources import Period
 
 PERIOD_PB: dict[Period, pb.Period.ValueType] = {
     Period.DAILY: pb.PERIOD_DAILY,

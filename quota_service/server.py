@@ -17,22 +17,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
-from psycopg_pool import AsyncConnectionPool
 from quota.v1 import quota_service_pb2 as pb
 from quota.v1 import quota_service_pb2_grpc as pb_grpc
 
 from billing_core.clock import Clock, SystemClock
-from billing_core.db.pool import open_pool, ping
-from billing_core.quota_engine import QuotaEngine, QuotaRules
+from billing_core.db.unit_of_work import Database
+from billing_core.quota.engine import QuotaEngine, QuotaRules
+from billing_core.quota.sweeps import Sweeper
 from billing_core.settings import Settings
 from quota_service.coalescer import Coalescer
-from quota_service.servicer import EngineCollector, Metrics, QuotaServicer
+from quota_service.metrics import EngineCollector, Metrics
+from quota_service.servicer import QuotaServicer
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
-# the least time between two tidy-ups of tenants that batches found with lazily expiring
-# state: a storm of such batches costs one small sweep per interval, not one per batch
-TIDY_SPACING_S = 0.2
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -67,13 +65,13 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 class QuotaServer:
     settings: Settings
     server: grpc.aio.Server
-    pool: AsyncConnectionPool[Any]
+    database: Database
     engine: QuotaEngine
+    sweeper: Sweeper
     health: AsyncHealthServicer
     registry: CollectorRegistry
     port: int
     coalescer: Coalescer | None = None
-    batch_pool: AsyncConnectionPool[Any] | None = None  # the coalescing lanes' connections
     metrics: Metrics | None = None
     metrics_port: int = 0
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -111,7 +109,7 @@ class QuotaServer:
     async def _watch_database(self) -> None:
         serving = True
         while True:
-            ok = await ping(self.pool)
+            ok = await self.database.ping()
             if ok != serving:
                 serving = ok
                 await self._set_serving(ok)
@@ -119,32 +117,19 @@ class QuotaServer:
             await asyncio.sleep(1.0)
 
     async def _sweep(self) -> None:
-        """Every RESERVATION_SWEEP_SECONDS: release expired reservations, expire grants past
-        their expiry, forget expired idempotency keys (several sidecars may sweep at once:
-        they skip each other's rows). In between, as soon as a batch had to decide a
-        tenant's calls one by one for such state, clear that tenant's (at most every
-        TIDY_SPACING_S), so its calls are batched again within moments, not the period."""
-        loop = asyncio.get_running_loop()
-        period = self.settings.reservation_sweep_seconds
-        due = loop.time() + period
+        """Every RESERVATION_SWEEP_SECONDS: release expired reservations and expire grants
+        past their expiry of tenants no call reaches (a call clears its own tenant's on the
+        way), and forget expired idempotency keys. Several sidecars may sweep at once: they
+        skip each other's rows."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.engine.untidy_found.wait(), max(0.0, due - loop.time()))
+            await asyncio.sleep(self.settings.reservation_sweep_seconds)
             try:
-                released, expired = await self.engine.tidy(self.engine.take_untidy())
-                self._count_swept("reservations", released)
-                self._count_swept("grants", expired)
-                if loop.time() >= due:
-                    due = loop.time() + period
-                    for kind, sweep in (
-                        ("reservations", self.engine.sweep_expired),
-                        ("grants", self.engine.sweep_due_grants),
-                        ("idempotency_keys", self.engine.sweep_expired_keys),
-                    ):
-                        self._count_swept(kind, await sweep())
+                swept = await self.sweeper.lapsed()
+                self._count_swept("reservations", swept.reservations_released)
+                self._count_swept("grants", swept.grants_expired)
+                self._count_swept("idempotency_keys", await self.sweeper.idempotency_keys())
             except Exception as exc:  # the sweep must outlive a database outage
                 log.warning("sweep_failed", error=str(exc))
-            await asyncio.sleep(TIDY_SPACING_S)
 
     def _count_swept(self, kind: str, swept: int) -> None:
         if swept:
@@ -166,9 +151,7 @@ class QuotaServer:
             await self.coalescer.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        if self.batch_pool is not None:
-            await self.batch_pool.close()
-        await self.pool.close()
+        await self.database.close()
         log.info("quota_service_stopped")
 
     async def wait(self) -> None:
@@ -176,23 +159,25 @@ class QuotaServer:
 
 
 async def create_server(settings: Settings, *, clock: Clock | None = None) -> QuotaServer:
-    """Open the pool and build a server bound to settings.grpc_host:grpc_port (0 = free port)."""
-    pool = await open_pool(settings.require_database(), settings.db_pool_size)
-    lanes = settings.coalesce_lanes
-    batch_pool = (
-        await open_pool(settings.require_database(), lanes) if settings.coalesce_requests else None
+    """Open the database and build a server bound to settings.grpc_host:grpc_port (0 = a
+    free port)."""
+    clock = clock or SystemClock()
+    database = await Database.open(
+        settings.require_database(),
+        settings.db_pool_size,
+        batch_size=settings.coalesce_lanes if settings.coalesce_requests else 0,
+        acquire_timeout_s=settings.db_acquire_timeout_ms / 1000,
     )
     engine = QuotaEngine(
-        pool,
-        clock or SystemClock(),
+        database.quota_store,
+        clock,
         QuotaRules(
             idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
             past_due_grace=timedelta(days=settings.past_due_grace_days),
-            acquire_timeout_s=settings.db_acquire_timeout_ms / 1000,
             batch_lock_timeout_s=settings.batch_lock_timeout_ms / 1000,
         ),
-        batch_pool=batch_pool,
     )
+    sweeper = Sweeper(engine, database.quota_store, clock)
     interceptors = [TokenInterceptor(settings.grpc_auth_token)] if settings.grpc_auth_token else []
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -203,7 +188,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     coalescer = (
         Coalescer(
             engine,
-            lanes=lanes,
+            lanes=settings.coalesce_lanes,
             gather_s=settings.coalesce_gather_us / 1_000_000,
             stall_s=settings.coalesce_stall_ms / 1000,
             on_batch=metrics.batch_size.observe,
@@ -230,7 +215,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     else:
         port = server.add_insecure_port(address)
     return QuotaServer(
-        settings, server, pool, engine, health, registry, port, coalescer, batch_pool, metrics
+        settings, server, database, engine, sweeper, health, registry, port, coalescer, metrics
     )
 
 

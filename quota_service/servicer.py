@@ -3,114 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 from quota.v1 import quota_service_pb2 as pb
 from quota.v1 import quota_service_pb2_grpc as pb_grpc
 
 from billing_core.errors import QuotaError
-from billing_core.quota_engine import QuotaEngine
+from billing_core.quota.engine import QuotaEngine
 from quota_service import convert
 from quota_service.coalescer import Coalescer
 from quota_service.errors import status_for
+from quota_service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 Resp = TypeVar("Resp")
-
-
-class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.decisions = Counter(
-            "quota_decisions",
-            "CheckAndConsume and Reserve decisions by reason and resource",
-            ["method", "reason", "resource"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "quota_rpc_duration_seconds",
-            "Server-side latency of quota RPCs",
-            ["method", "code"],
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            "quota_coalesced_batch_size",
-            "CheckAndConsume, Reserve, Commit and Release requests decided together in one"
-            " transaction",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=registry,
-        )
-        self.swept = Counter(
-            "quota_swept",
-            "Rows the background sweep cleared: expired reservations released, grants past"
-            " their expiry expired, expired idempotency keys deleted",
-            ["kind"],
-            registry=registry,
-        )
-        # labelled children, looked up once per metric and label set rather than on every call
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
-    def decided(self, method: str, reason: str, resource: str) -> None:
-        self._child(self.decisions, method, reason, resource).inc()
-
-    def timed(self, method: str, code: str, seconds: float) -> None:
-        self._child(self.latency, method, code).observe(seconds)
-
-
-class EngineCollector(Collector):
-    """The engine's and the coalescer's own counts, read at scrape time (nothing added to
-    the request path): how much of the coalesced traffic left the set-based path (a rising
-    count means batches are not doing their job), batches stalled on a lock held elsewhere,
-    calls run again after their connection died."""
-
-    def __init__(self, engine: QuotaEngine, coalescer: Coalescer | None = None) -> None:
-        self._engine = engine
-        self._coalescer = coalescer
-
-    def collect(self) -> Iterator[Metric]:
-        alone = CounterMetricFamily(
-            "quota_batch_decided_one_by_one",
-            "Requests of coalesced batches decided one by one inside the batch's transaction"
-            " (tenants with an expired reservation or a due grant, until they are tidied)",
-            value=self._engine.decided_alone,
-        )
-        fallbacks = CounterMetricFamily(
-            "quota_batch_fallbacks",
-            "Coalesced batches whose requests were all retried one by one: a request_id taken"
-            " meanwhile (race), a row lock held elsewhere past the batch's lock timeout"
-            " (locked), the database refused the batch (refused), a bug (failed)",
-            labels=["reason"],
-        )
-        for reason, count in self._engine.fallbacks.items():
-            fallbacks.add_metric([reason], count)
-        yield alone
-        yield fallbacks
-        yield CounterMetricFamily(
-            "quota_db_connections_lost",
-            "Calls and batches run again on another connection because theirs had died"
-            " (a terminated backend, a restart, a proxy's timeout)",
-            value=self._engine.connections_lost,
-        )
-        if self._coalescer is not None:
-            yield CounterMetricFamily(
-                "quota_batch_stalled",
-                "Coalesced batches that ran past QUOTA_COALESCE_STALL_MS, waiting on a row lock"
-                " held elsewhere; their lane went on without them",
-                value=self._coalescer.overtaken,
-            )
 
 
 class QuotaServicer(pb_grpc.QuotaServiceServicer):
@@ -118,10 +27,12 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         self, engine: QuotaEngine, metrics: Metrics, coalescer: Coalescer | None = None
     ) -> None:
         self._engine = engine
-        # CheckAndConsume, Reserve, Commit and Release: with their lane's batch, or one by one
-        self._admit = coalescer.admit if coalescer is not None else engine.admit
+        # CheckAndConsume, Reserve, Commit, Release and Free: with their lane's batch, or
+        # each in a transaction of its own
+        self._admit = coalescer.admit if coalescer is not None else engine.consume
         self._commit = coalescer.commit if coalescer is not None else engine.commit
         self._release = coalescer.release if coalescer is not None else engine.release
+        self._free = coalescer.free if coalescer is not None else engine.free
         self._metrics = metrics
 
     async def _call(
@@ -195,7 +106,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[pb.FreeRequest, pb.FreeResponse],
     ) -> pb.FreeResponse:
         async def work() -> pb.FreeResponse:
-            return convert.free_response(await self._engine.free(convert.free_request(request)))
+            return convert.free_response(await self._free(convert.free_request(request)))
 
         return await self._call("Free", context, work)  # type: ignore[arg-type]
 

@@ -20,11 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from billing_core import demo  # noqa: E402
-from billing_core.api_keys import create_api_key  # noqa: E402
+from billing_core.billing import demo  # noqa: E402
+from billing_core.billing.api_keys import create_api_key  # noqa: E402
 from billing_core.db.embedded import ensure_database, start_embedded  # noqa: E402
 from billing_core.db.migrate import upgrade  # noqa: E402
-from billing_core.db.pool import open_pool  # noqa: E402
+from billing_core.db.unit_of_work import Database  # noqa: E402
 from billing_core.settings import Settings  # noqa: E402
 
 DATA = ROOT / ".data"
@@ -33,21 +33,21 @@ DATA = ROOT / ".data"
 async def _prepare(database_url: str) -> str:
     """Seed once and make sure an admin key exists; return the key to print."""
     now = datetime.now(UTC)
-    pool = await open_pool(database_url, 1)
+    db = await Database.open(database_url, 1)
     try:
-        async with pool.connection() as conn:
-            await demo.seed_demo(conn, now)
+        async with db.transaction() as uow:
+            await demo.seed_demo(uow, now)
             key = os.environ.get("ADMIN_API_KEY", "").strip()
             key_file = DATA / "admin_api_key"
             if not key and key_file.exists():
                 key = key_file.read_text().strip()
-            key = await create_api_key(conn, "make-run", now, key or None)
-            if not os.environ.get("ADMIN_API_KEY"):
-                key_file.write_text(key + "\n")
-                key_file.chmod(0o600)
-            return key
+            key = await create_api_key(uow, "make-run", "make-run", now, key or None)
+        if not os.environ.get("ADMIN_API_KEY"):
+            key_file.write_text(key + "\n")
+            key_file.chmod(0o600)
+        return key
     finally:
-        await pool.close()
+        await db.close()
 
 
 def _kept_secret(name: str) -> str:

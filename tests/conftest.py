@@ -20,7 +20,8 @@ from billing_core.clock import FrozenClock
 from billing_core.db.embedded import drop_database, ensure_database, start_embedded
 from billing_core.db.migrate import upgrade
 from billing_core.db.pool import open_pool
-from billing_core.quota_engine import QuotaEngine, QuotaRules
+from billing_core.quota.engine import QuotaEngine
+from tests import factories
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +72,7 @@ def clock() -> FrozenClock:
 
 @pytest.fixture
 def engine(pool: AsyncConnectionPool[Any], clock: FrozenClock) -> QuotaEngine:
-    return QuotaEngine(pool, clock, QuotaRules())
+    return factories.engine(pool, clock)
 
 
 @pytest.fixture
@@ -117,17 +118,18 @@ async def running_control_plane(database_url: str) -> AsyncIterator[ControlPlane
 
     import uvicorn
 
-    from billing_core.api_keys import create_api_key
+    from billing_core.billing.api_keys import create_api_key
+    from billing_core.db.unit_of_work import Database
     from billing_core.settings import Settings
     from control_plane.app import create_app
 
     app = create_app(Settings(database_url=database_url))
-    pool = await open_pool(database_url, 1)
+    db = await Database.open(database_url, 1)
     try:
-        async with pool.connection() as conn:
-            key = await create_api_key(conn, "tests", datetime.now(UTC))
+        async with db.transaction() as uow:
+            key = await create_api_key(uow, "tests", "tests", datetime.now(UTC))
     finally:
-        await pool.close()
+        await db.close()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

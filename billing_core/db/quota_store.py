@@ -1,243 +1,215 @@
-"""SQL of the quota engine: every statement filters by tenant_id first.
+"""PostgreSQL for the quota engine: QuotaStore and QuotaSession (billing_core/quota/ports.py).
 
-Lock order (the same everywhere, so concurrent requests never deadlock):
-idempotency key → reservation rows (by id) → usage counters (by resource, period,
-window_start) → wallet row → wallet grants (by expiry).
+A transaction runs on one pooled connection through libpq's pipeline (db/wire.py): BEGIN
+and the transaction's settings go out with its first reads, its writes with its COMMIT.
+Statements cover every tenant of a batch at once, answer one row of JSON text (parsed by
+orjson), take text parameters typed by casts, and reach every row through an index.
+
+Lock order, the same everywhere, so concurrent transactions never deadlock: reservations →
+counter rows (by tenant, resource, period, window start) → wallet rows → grants.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, TypeVar
 
 import orjson
-from psycopg import AsyncConnection
-from psycopg.types.json import Jsonb
+import psycopg
+import structlog
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from billing_core.errors import NotFound
-from billing_core.limits import Access, Quota, SubscriptionStatus
-from billing_core.periods import tenant_zone
-from billing_core.pricing import ModelPrice, missing_price
-from billing_core.resources import PERIOD_ORDER, Overage, Period
-from billing_core.wallet import LiveGrant, allocate_debit
-
-Conn = AsyncConnection[Any]
-CounterKey = tuple[str, Period, datetime]  # resource, period, window_start
-
-
-@dataclass(frozen=True, slots=True)
-class TenantContext:
-    tenant_id: str
-    timezone: str
-    anchor: datetime
-    plan_id: str | None
-    access: Access
-    trial_end: datetime | None
-    unlimited: bool
-    enterprise: bool
-    wallet_live_micros: int
-    quotas: Mapping[str, tuple[Quota, ...]]
-    # whether any reservation is past its expiry but still counted (then it is released)
-    has_expired_reservations: bool = True
-    # whether a wallet grant reached its expiry and still counts (then it is expired)
-    has_due_grants: bool = True
-
-
-# One round trip: the tenant, its current subscription and plan, the live wallet, the
-# quotas (overrides first: they win over the plan's quota of the same resource and period)
-# and whether expired reservations wait to be released. The two flags are scalar subqueries,
-# not EXISTS: PostgreSQL 18 may plan an EXISTS as a hashed subplan that reads the whole table.
-# The subscription and the plan are LATERAL subqueries with LIMIT 1 (each is unique), so
-# they are always looked up per tenant: as plain joins, a generic plan made while the
-# tables were small hashed the tenants and read every current subscription, each time
-# (tests/integration/test_batch_plans.py).
-CONTEXT_SQL = """
-SELECT t.tenant_id, t.timezone, t.created_at, s.plan_id, s.status, s.trial_end, s.past_due_since,
-       s.billing_cycle_anchor, coalesce(p.unlimited, false) AS unlimited,
-       coalesce(p.enterprise, false) AS enterprise,
-       (SELECT coalesce(sum(g.remaining_micros), 0)::bigint FROM wallet_grants g
-         WHERE g.tenant_id = t.tenant_id AND NOT g.expired
-           AND (g.expires_at IS NULL OR g.expires_at > %(now)s)) AS wallet_live_micros,
-       (SELECT coalesce(json_agg(json_build_array(q.resource, q.period, q."limit", q.warn_at,
-                                                  q.overage) ORDER BY q.o DESC), '[]'::json)
-          FROM (SELECT resource, period, "limit", warn_at, overage, true AS o
-                  FROM quota_overrides o
-                 WHERE o.tenant_id = t.tenant_id AND coalesce(p.enterprise, false)
-                   AND (%(resources)s::text[] IS NULL OR resource = ANY(%(resources)s))
-                UNION ALL
-                SELECT resource, period, "limit", warn_at, overage, false
-                  FROM plan_quotas pq
-                 WHERE pq.plan_id = s.plan_id
-                   AND (%(resources)s::text[] IS NULL OR resource = ANY(%(resources)s))) q)
-         AS quotas,
-       coalesce((SELECT true FROM reservations r
-                  WHERE r.tenant_id = t.tenant_id AND r.status = 'active'
-                    AND r.expires_at <= %(now)s LIMIT 1), false) AS has_expired_reservations,
-       coalesce((SELECT true FROM wallet_grants g
-                  WHERE g.tenant_id = t.tenant_id AND NOT g.expired
-                    AND g.expires_at <= %(now)s LIMIT 1), false) AS has_due_grants
-FROM tenants t
-LEFT JOIN LATERAL (SELECT * FROM subscriptions s
-                    WHERE s.tenant_id = t.tenant_id AND s.is_current LIMIT 1) s ON true
-LEFT JOIN LATERAL (SELECT * FROM plans p WHERE p.plan_id = s.plan_id LIMIT 1) p ON true
-WHERE t.tenant_id = ANY(%(tenants)s::text[])
-"""
-CONTEXT_COLUMNS = (
-    "tenant_id", "timezone", "created_at", "plan_id", "status", "trial_end", "past_due_since",
-    "billing_cycle_anchor", "unlimited", "enterprise", "wallet_live_micros", "quotas",
-    "has_expired_reservations", "has_due_grants",
-)  # fmt: skip
-CONTEXT_TIMESTAMPS = (2, 5, 6, 7)  # positions of the timestamptz columns
-
-
-async def load_context(
-    conn: Conn, tenant_id: str, resource: str | None, now: datetime
-) -> TenantContext:
-    found = await load_contexts(conn, [tenant_id], None if resource is None else [resource], now)
-    if tenant_id not in found:
-        raise NotFound(f"unknown tenant {tenant_id!r}")
-    return found[tenant_id]
-
-
-async def load_contexts(
-    conn: Conn, tenant_ids: Sequence[str], resources: Sequence[str] | None, now: datetime
-) -> dict[str, TenantContext]:
-    """The contexts of the tenants that exist, with quotas of `resources` (None: all)."""
-    cur = await conn.execute(
-        CONTEXT_SQL,
-        {
-            "tenants": list(tenant_ids),
-            "now": now,
-            "resources": None if resources is None else list(resources),
-        },
-    )
-    return {row[0]: context_from_row(row) for row in await cur.fetchall()}
-
-
-def context_from_row(row: Sequence[Any]) -> TenantContext:
-    tenant_id, tz, created_at, plan_id, status, trial_end, past_due_since, anchor = row[:8]
-    unlimited, ent, live, quota_rows, has_expired, has_due = row[8:]
-    quotas: dict[str, dict[Period, Quota]] = {}
-    # overrides come first and win over the plan's quota of the same (resource, period)
-    for res, period, limit, warn_at, overage in quota_rows:
-        quotas.setdefault(res, {}).setdefault(
-            Period(period), Quota(res, Period(period), limit, tuple(warn_at), Overage(overage))
-        )
-    tenant_zone(tz)  # fail loudly on a bad stored timezone
-    return TenantContext(
-        tenant_id=tenant_id,
-        timezone=tz,
-        anchor=anchor or created_at,
-        plan_id=plan_id,
-        access=Access(SubscriptionStatus(status) if status else None, trial_end, past_due_since),
-        trial_end=trial_end,
-        unlimited=unlimited,
-        enterprise=ent,
-        wallet_live_micros=live,
-        has_expired_reservations=has_expired,
-        has_due_grants=has_due,
-        quotas={
-            res: tuple(sorted(by_period.values(), key=lambda q: PERIOD_ORDER[q.period]))
-            for res, by_period in quotas.items()
-        },
-    )
-
-
-# --- idempotency -----------------------------------------------------------------------
-
-
-# An idempotency key is taken over only once it has expired; a live one stays its owner's.
-CLAIM_UNLESS_LIVE = """
-ON CONFLICT (tenant_id, request_id) DO UPDATE
-   SET operation = EXCLUDED.operation, request_hash = EXCLUDED.request_hash,
-       response = EXCLUDED.response, created_at = EXCLUDED.created_at,
-       expires_at = EXCLUDED.expires_at
- WHERE k.expires_at <= EXCLUDED.created_at
-"""
-
-
-async def claim_request_id(
-    conn: Conn,
-    tenant_id: str,
-    request_id: str,
-    operation: str,
-    request_hash: str,
-    now: datetime,
-    expires_at: datetime,
-) -> bool:
-    """Take the request_id for this transaction; False when a live earlier one holds it.
-
-    A concurrent twin blocks here until the first commits (then sees it) or rolls back
-    (then takes it), so one request_id is never counted twice.
-    """
-    cur = await conn.execute(
-        """
-        INSERT INTO idempotency_keys AS k
-            (tenant_id, request_id, operation, request_hash, response, created_at, expires_at)
-        VALUES (%s, %s, %s, %s, '{}'::jsonb, %s, %s)
-        """
-        + CLAIM_UNLESS_LIVE
-        + " RETURNING 1",
-        (tenant_id, request_id, operation, request_hash, now, expires_at),
-    )
-    return await cur.fetchone() is not None
-
-
-async def read_request_id(
-    conn: Conn, tenant_id: str, request_id: str
-) -> tuple[str, str, dict[str, Any]]:
-    cur = await conn.execute(
-        "SELECT operation, request_hash, response FROM idempotency_keys"
-        " WHERE tenant_id = %s AND request_id = %s",
-        (tenant_id, request_id),
-    )
-    row = await cur.fetchone()
-    if row is None:  # pragma: no cover - claim_request_id just saw it
-        raise NotFound(f"request_id {request_id!r} vanished")
-    return row[0], row[1], row[2]
-
-
-async def store_response(
-    conn: Conn, tenant_id: str, request_id: str, response: Mapping[str, Any]
-) -> None:
-    await conn.execute(
-        "UPDATE idempotency_keys SET response = %s WHERE tenant_id = %s AND request_id = %s",
-        (Jsonb(dict(response)), tenant_id, request_id),
-    )
-
-
-# --- reservations ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ReservationRow:
-    reservation_id: str
-    request_id: str
-    resource: str
-    amount: int
-    windows: tuple[CounterKey, ...]
-    held_micros: int
-    status: str
-    expires_at: datetime
-    commit_response: dict[str, Any] | None
-
-
-_RESERVATION_COLUMNS = (
-    "reservation_id, request_id, resource, amount, windows, held_micros, status,"
-    " expires_at, commit_response"
+from billing_core.db.quota_sql import (
+    CLAIM_RACE_SQLSTATE,
+    COUNTERS,
+    DELETE_EXPIRED_KEYS,
+    LAPSED_RESERVATIONS,
+    LAPSED_TENANTS,
+    LOCK_RESERVATIONS,
+    OFFERS,
+    TRANSACTION_SETTINGS,
+    context_from_row,
+    lapsed_reservations,
+    locks,
+    offers_from_json,
+    reads,
+    text_array,
+    timestamp,
+    write_parameters,
+    writes,
 )
+from billing_core.db.wire import BEGIN, COMMIT, FORGOTTEN, Wire
+from billing_core.errors import Unavailable
+from billing_core.quota.model import Changes, PlanOffer, Reservation, StoredKey, TenantKey
+from billing_core.quota.ports import BatchAborted, Locked, Pending, Reads, Work
+from billing_core.rules.pricing import ModelPrice
+from billing_core.rules.resources import Period
+from billing_core.rules.wallet import LiveGrant
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+_RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+_MAX_FORGOTTEN = 100  # more connections than any pool has
+_MAX_ABORTED = 5
+_MAX_LOST = 2  # connections found dead in a row before the call answers UNAVAILABLE
+# a connection that died under the call (its backend was terminated or crashed, an idle
+# timeout closed it, its socket broke): another one may well work
+_LOST_SQLSTATES = frozenset(("57P01", "57P02", "57P05"))
 
 
-def reservation_windows(windows: Iterable[CounterKey]) -> list[dict[str, str]]:
-    """A reservation's counter windows as its `windows` column holds them."""
-    return [{"period": p.value, "window_start": start.isoformat()} for _, p, start in windows]
+def _already(value: T) -> Pending[T]:
+    """The result of a statement that did not need sending."""
+
+    async def result() -> T:
+        return value
+
+    return result
 
 
-def reservation_from_row(row: Sequence[Any]) -> ReservationRow:
+class PgQuotaSession:
+    """QuotaSession over one connection's pipeline, for one transaction."""
+
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
+
+    def lock_reservations(
+        self, wanted: Sequence[tuple[str, str]]
+    ) -> Pending[dict[tuple[str, str], Reservation]]:
+        slot = self._wire.send(
+            LOCK_RESERVATIONS,
+            {"tenants": text_array(w[0] for w in wanted), "ids": text_array(w[1] for w in wanted)},
+        )
+
+        async def result() -> dict[tuple[str, str], Reservation]:
+            rows = orjson.loads(await self._wire.value(slot) or b"")
+            return {(row[0], row[1]): _reservation(row[1:]) for row in rows}
+
+        return result
+
+    def read(
+        self,
+        tenant_ids: Sequence[str],
+        resources: Sequence[str] | None,
+        models: Sequence[tuple[str, str]],
+        keys: Sequence[tuple[str, str]],
+        now: datetime,
+    ) -> Pending[Reads]:
+        slot = self._wire.send(
+            reads(bool(models), bool(keys)),
+            {
+                "tenants": text_array(tenant_ids),
+                "resources": None if resources is None else text_array(resources),
+                "now": now.isoformat(),
+                "providers": text_array(m[0] for m in models),
+                "models": text_array(m[1] for m in models),
+                "key_tenants": text_array(k[0] for k in keys),
+                "key_ids": text_array(k[1] for k in keys),
+            },
+        )
+
+        async def result() -> Reads:
+            answer = await self._wire.result(slot)
+            contexts, prices, taken = (
+                orjson.loads(answer.get_value(0, i) or b"") for i in range(3)
+            )
+            return Reads(
+                {c[0]: context_from_row(c) for c in contexts},
+                {(p[0], p[1]): ModelPrice(p[0], p[1], timestamp(p[2]), p[3], p[4]) for p in prices},
+                {(k[0], k[1]): StoredKey(k[2], k[3], k[4]) for k in taken if k[5]},
+            )
+
+        return result
+
+    def lapsed_reservations(
+        self, tenant_ids: Sequence[str], now: datetime, *, lock: bool
+    ) -> Pending[dict[str, list[Reservation]]]:
+        slot = self._wire.send(
+            LAPSED_RESERVATIONS if lock else lapsed_reservations(lock=False),
+            {"tenants": text_array(tenant_ids), "now": now.isoformat()},
+        )
+
+        async def result() -> dict[str, list[Reservation]]:
+            found: dict[str, list[Reservation]] = {}
+            for row in orjson.loads(await self._wire.value(slot) or b""):
+                found.setdefault(row[0], []).append(_reservation(row[1:]))
+            return found
+
+        return result
+
+    def lock(
+        self, counters: Sequence[TenantKey], wallets: Sequence[str], now: datetime
+    ) -> Pending[Locked]:
+        if not counters and not wallets:
+            return _already(Locked({}, {}, {}))
+        statement, values = locks(counters, wallets, now)
+        slot = self._wire.send(statement, values)
+
+        async def result() -> Locked:
+            locked = Locked({}, {}, {})
+            for kind, t, name, period, at, n1, n2, created in orjson.loads(
+                await self._wire.value(slot) or b""
+            ):
+                if kind == "c":
+                    locked.counters[(t, name, Period(period), timestamp(at))] = (n1, n2, created)
+                elif kind == "w":
+                    locked.wallets[t] = (n1, n2)
+                else:
+                    locked.grants.setdefault(t, []).append(LiveGrant(name, n1, timestamp(at)))
+            return locked
+
+        return result
+
+    def counters(self, keys: Sequence[TenantKey]) -> Pending[dict[TenantKey, tuple[int, int]]]:
+        found: dict[TenantKey, tuple[int, int]] = dict.fromkeys(keys, (0, 0))
+        if not keys:
+            return _already(found)
+        slot = self._wire.send(
+            COUNTERS,
+            {
+                "tenants": text_array(k[0] for k in keys),
+                "resources": text_array(k[1] for k in keys),
+                "periods": text_array(k[2].value for k in keys),
+                "starts": text_array(k[3].isoformat() for k in keys),
+            },
+        )
+
+        async def result() -> dict[TenantKey, tuple[int, int]]:
+            for t, resource, period, start, used, reserved in orjson.loads(
+                await self._wire.value(slot) or b""
+            ):
+                found[(t, resource, Period(period), timestamp(start))] = (used, reserved)
+            return found
+
+        return result
+
+    def write(self, changes: Changes, now: datetime, keys_expire_at: datetime) -> Pending[int]:
+        parts, values = write_parameters(changes, now, keys_expire_at)
+        if not parts:  # denials and dry runs only: nothing to write
+            return _already(0)
+        slot = self._wire.send(writes(parts), values)
+
+        async def result() -> int:
+            return int(await self._wire.value(slot) or b"0")
+
+        return result
+
+    def offers(
+        self, wanted: Sequence[tuple[str, str | None]]
+    ) -> Pending[dict[tuple[str, str | None], list[PlanOffer]]]:
+        slots = [(w, self._wire.send(OFFERS, {"resource": w[0], "exclude": w[1]})) for w in wanted]
+
+        async def result() -> dict[tuple[str, str | None], list[PlanOffer]]:
+            return {w: offers_from_json(w[0], await self._wire.value(s) or b"") for w, s in slots}
+
+        return result
+
+
+def _reservation(row: list[Any]) -> Reservation:
     rid, request_id, resource, amount, windows, held, status, expires_at, response = row
-    return ReservationRow(
+    return Reservation(
         rid,
         request_id,
         resource,
@@ -248,510 +220,112 @@ def reservation_from_row(row: Sequence[Any]) -> ReservationRow:
         ),
         held,
         status,
-        expires_at,
+        timestamp(expires_at),
         response,
     )
 
 
-async def lock_reservation(conn: Conn, tenant_id: str, reservation_id: str) -> ReservationRow:
-    cur = await conn.execute(
-        f"SELECT {_RESERVATION_COLUMNS} FROM reservations"
-        " WHERE tenant_id = %s AND reservation_id = %s FOR UPDATE",
-        (tenant_id, reservation_id),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        raise unknown_reservation(tenant_id, reservation_id)
-    return reservation_from_row(row)
+class PgQuotaStore:
+    """QuotaStore over a shared pool and, for the coalescing lanes, a pool of their own:
+    a lane that keeps to one backend finds its statements prepared and its caches warm."""
 
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        *,
+        batch_pool: AsyncConnectionPool[Any] | None = None,
+        acquire_timeout_s: float = 2.0,
+    ) -> None:
+        self._pool = pool
+        self._batch_pool = batch_pool or pool
+        self._acquire_timeout_s = acquire_timeout_s
+        self.connections_lost = 0
 
-def unknown_reservation(tenant_id: str, reservation_id: str) -> NotFound:
-    return NotFound(f"unknown reservation {reservation_id!r} for tenant {tenant_id!r}")
+    async def run(self, work: Work[T], *, lock_timeout_ms: int = 0, shared: bool = True) -> T:
+        pool = self._pool if shared else self._batch_pool
+        settings = {"lock_timeout": str(lock_timeout_ms)}
 
+        async def attempt() -> T:
+            async with (
+                pool.connection(timeout=self._acquire_timeout_s) as conn,
+                Wire.open(conn) as wire,
+            ):
+                wire.send(BEGIN)
+                wire.send(TRANSACTION_SETTINGS, settings)
+                answers = await work(PgQuotaSession(wire))
+                wire.send(COMMIT)  # with the writes: one round trip
+                await wire.sync()
+                return await answers()
 
-async def expired_reservations(
-    conn: Conn, tenant_id: str, resource: str | None, now: datetime, *, lock: bool
-) -> list[ReservationRow]:
-    """Reservations past their expiry that still count as used; locked when `lock`."""
-    cur = await conn.execute(
-        f"SELECT {_RESERVATION_COLUMNS} FROM reservations"
-        " WHERE tenant_id = %s AND (%s::text IS NULL OR resource = %s)"
-        " AND status = 'active' AND expires_at <= %s"
-        " ORDER BY reservation_id" + (" FOR UPDATE" if lock else ""),
-        (tenant_id, resource, resource, now),
-    )
-    return [reservation_from_row(r) for r in await cur.fetchall()]
+        return await self._retrying(attempt)
 
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        aborted = forgotten = lost = 0
+        while True:
+            try:
+                return await attempt()
+            except FORGOTTEN:  # once per connection after psycopg deallocated (db/wire.py)
+                forgotten += 1
+                if forgotten > _MAX_FORGOTTEN:
+                    raise Unavailable("the database kept forgetting prepared statements") from None
+            except _RETRYABLE:
+                aborted += 1
+                if aborted == _MAX_ABORTED:
+                    raise Unavailable("the database kept aborting the transaction") from None
+                await asyncio.sleep(0.001 * 2 ** (aborted - 1))
+            except pg_errors.LockNotAvailable:
+                raise BatchAborted("locked") from None
+            except (psycopg.OperationalError, TimeoutError) as exc:
+                lost += 1
+                if lost > _MAX_LOST or not _connection_lost(exc):
+                    raise Unavailable(f"database unavailable: {type(exc).__name__}") from None
+                # the pool replaces the connection; the attempt runs again on another one.
+                # Safe even when the COMMIT had gone out: every request it decided has a
+                # request_id (or reservation) that replays its answer instead of counting
+                self.connections_lost += 1
+                log.warning("connection_lost_retrying", error=str(exc)[:200])
+            except psycopg.Error as exc:
+                if exc.sqlstate == CLAIM_RACE_SQLSTATE:
+                    raise BatchAborted("race") from None
+                raise BatchAborted("refused", str(exc)) from None
 
-async def finish_reservations(
-    conn: Conn,
-    tenant_id: str,
-    reservation_ids: Sequence[str],
-    status: str,
-    now: datetime,
-    usage_record_id: str | None = None,
-    commit_response: Mapping[str, Any] | None = None,
-) -> None:
-    await conn.execute(
-        "UPDATE reservations SET status = %s, finished_at = %s, usage_record_id = %s,"
-        " commit_response = %s WHERE tenant_id = %s AND reservation_id = ANY(%s)",
-        (
-            status,
-            now,
-            usage_record_id,
-            None if commit_response is None else Jsonb(dict(commit_response)),
-            tenant_id,
-            list(reservation_ids),
-        ),
-    )
+    async def _json_rows(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        async def attempt() -> list[Any]:
+            async with self._pool.connection(timeout=self._acquire_timeout_s) as conn:
+                cur = await conn.execute(sql, params)
+                row = await cur.fetchone()
+                return orjson.loads(row[0]) if row and row[0] else []
 
+        return await self._retrying(attempt)
 
-async def insert_reservation(
-    conn: Conn,
-    tenant_id: str,
-    reservation_id: str,
-    request_id: str,
-    resource: str,
-    amount: int,
-    windows: Sequence[CounterKey],
-    held_micros: int,
-    labels: Mapping[str, str],
-    now: datetime,
-    expires_at: datetime,
-) -> None:
-    await conn.execute(
-        "INSERT INTO reservations (tenant_id, reservation_id, request_id, resource, amount,"
-        " windows, held_micros, labels, expires_at, created_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            tenant_id,
-            reservation_id,
-            request_id,
-            resource,
-            amount,
-            Jsonb(reservation_windows(windows)),
-            held_micros,
-            Jsonb(dict(labels)),
-            expires_at,
-            now,
-        ),
-    )
-
-
-async def expired_reservation_ids(
-    conn: Conn, now: datetime, limit: int, tenant_ids: Sequence[str] | None = None
-) -> list[tuple[str, str]]:
-    """Up to `limit` reservations past their expiry that still count, oldest first (of
-    `tenant_ids` only, when given)."""
-    cur = await conn.execute(
-        "SELECT tenant_id, reservation_id FROM reservations"
-        " WHERE status = 'active' AND expires_at <= %s"
-        " AND (%s::text[] IS NULL OR tenant_id = ANY(%s::text[]))"
-        " ORDER BY expires_at LIMIT %s",
-        (now, tenant_ids, tenant_ids, limit),
-    )
-    return [(r[0], r[1]) for r in await cur.fetchall()]
-
-
-async def due_grant_tenants(
-    conn: Conn, now: datetime, limit: int, tenant_ids: Sequence[str] | None = None
-) -> list[str]:
-    """Up to `limit` tenants with a grant past its expiry that is not marked expired yet (of
-    `tenant_ids` only, when given)."""
-    cur = await conn.execute(
-        "SELECT DISTINCT tenant_id FROM wallet_grants"
-        " WHERE NOT expired AND expires_at <= %s"
-        " AND (%s::text[] IS NULL OR tenant_id = ANY(%s::text[]))"
-        " ORDER BY tenant_id LIMIT %s",
-        (now, tenant_ids, tenant_ids, limit),
-    )
-    return [r[0] for r in await cur.fetchall()]
-
-
-async def delete_expired_request_ids(conn: Conn, now: datetime, limit: int) -> int:
-    """Forget up to `limit` idempotency keys past their expiry, oldest first. An expired key
-    already counts as absent everywhere (a new request with its request_id takes it over),
-    so forgetting it changes no answer. Keys another transaction holds are skipped (SKIP
-    LOCKED): it is taking one over, or another sweeper is deleting it."""
-    cur = await conn.execute(
-        "WITH gone AS (DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
-        " SELECT ctid FROM idempotency_keys WHERE expires_at <= %s"
-        " ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED)) RETURNING 1)"
-        " SELECT count(*) FROM gone",
-        (now, limit),
-    )
-    row = await cur.fetchone()
-    return int(row[0]) if row else 0
-
-
-# --- counters --------------------------------------------------------------------------
-
-
-def _sorted_keys(keys: Iterable[CounterKey]) -> list[CounterKey]:
-    return sorted(set(keys), key=lambda k: (k[0], PERIOD_ORDER[k[1]], k[2]))
-
-
-async def lock_counters(
-    conn: Conn, tenant_id: str, keys: Iterable[CounterKey]
-) -> dict[CounterKey, tuple[int, int]]:
-    """Create-if-missing and lock counter rows in the global order; (used, reserved) each."""
-    ordered = _sorted_keys(keys)
-    if not ordered:
-        return {}
-    cur = await conn.execute(
-        """
-        INSERT INTO usage_counters AS c (tenant_id, resource, period, window_start)
-        SELECT %s, r, p, w FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS u(r, p, w)
-        ON CONFLICT (tenant_id, resource, period, window_start)
-        DO UPDATE SET used = c.used
-        RETURNING resource, period, window_start, used, reserved
-        """,
-        (
-            tenant_id,
-            [k[0] for k in ordered],
-            [k[1].value for k in ordered],
-            [k[2] for k in ordered],
-        ),
-    )
-    return {(r[0], Period(r[1]), r[2]): (r[3], r[4]) for r in await cur.fetchall()}
-
-
-async def read_counters(
-    conn: Conn, tenant_id: str, keys: Iterable[CounterKey]
-) -> dict[CounterKey, tuple[int, int]]:
-    """Counter values without locking (reports, dry runs); missing rows read as zero."""
-    ordered = _sorted_keys(keys)
-    found: dict[CounterKey, tuple[int, int]] = dict.fromkeys(ordered, (0, 0))
-    if not ordered:
-        return found
-    cur = await conn.execute(
-        """
-        SELECT c.resource, c.period, c.window_start, c.used, c.reserved
-        FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS u(r, p, w)
-        JOIN usage_counters c ON c.tenant_id = %s AND c.resource = u.r
-         AND c.period = u.p AND c.window_start = u.w
-        """,
-        (
-            [k[0] for k in ordered],
-            [k[1].value for k in ordered],
-            [k[2] for k in ordered],
-            tenant_id,
-        ),
-    )
-    for r in await cur.fetchall():
-        found[(r[0], Period(r[1]), r[2])] = (r[3], r[4])
-    return found
-
-
-async def add_to_counters(
-    conn: Conn, tenant_id: str, deltas: Mapping[CounterKey, tuple[int, int]]
-) -> None:
-    """Add (used, reserved) deltas to counter rows this transaction has locked."""
-    keys = [k for k, d in deltas.items() if d != (0, 0)]
-    if not keys:
-        return
-    await conn.execute(
-        """
-        UPDATE usage_counters c SET used = c.used + u.du, reserved = c.reserved + u.dr
-        FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::bigint[], %s::bigint[])
-             AS u(r, p, w, du, dr)
-        WHERE c.tenant_id = %s AND c.resource = u.r AND c.period = u.p AND c.window_start = u.w
-        """,
-        (
-            [k[0] for k in keys],
-            [k[1].value for k in keys],
-            [k[2] for k in keys],
-            [deltas[k][0] for k in keys],
-            [deltas[k][1] for k in keys],
-            tenant_id,
-        ),
-    )
-
-
-# --- usage records, notifications, prices ---------------------------------------------
-
-
-class UsageRecordRow(NamedTuple):  # a row: a tuple is built several times faster
-    usage_record_id: str
-    resource: str
-    amount: int
-    kind: str
-    request_id: str | None
-    reservation_id: str | None
-    plan_id: str | None
-    provider: str | None
-    model: str | None
-    input_tokens: int
-    output_tokens: int
-    cost_micros: int
-    wallet_charged_micros: int
-    over_limit: bool
-    labels: Mapping[str, str]
-    occurred_at: datetime
-
-
-async def insert_usage_record(conn: Conn, tenant_id: str, rec: UsageRecordRow) -> None:
-    await conn.execute(
-        "INSERT INTO usage_records (tenant_id, usage_record_id, resource, amount, kind,"
-        " request_id, reservation_id, plan_id, provider, model, input_tokens, output_tokens,"
-        " cost_micros, wallet_charged_micros, over_limit, labels, occurred_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            tenant_id,
-            rec.usage_record_id,
-            rec.resource,
-            rec.amount,
-            rec.kind,
-            rec.request_id,
-            rec.reservation_id,
-            rec.plan_id,
-            rec.provider,
-            rec.model,
-            rec.input_tokens,
-            rec.output_tokens,
-            rec.cost_micros,
-            rec.wallet_charged_micros,
-            rec.over_limit,
-            Jsonb(dict(rec.labels)),
-            rec.occurred_at,
-        ),
-    )
-
-
-async def insert_notifications(
-    conn: Conn, tenant_id: str, rows: Sequence[tuple[str, str, str, dict[str, Any]]], now: datetime
-) -> None:
-    """(kind, dedupe_key, message, details) each; a dedupe_key is recorded once."""
-    for kind, key, message, details in rows:
-        await conn.execute(
-            "INSERT INTO notifications (tenant_id, kind, dedupe_key, message, details, created_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (tenant_id, dedupe_key) DO NOTHING",
-            (tenant_id, kind, key, message, Jsonb(details), now),
+    async def lapsed_tenants(
+        self, now: datetime, limit: int, tenant_ids: Sequence[str] | None = None
+    ) -> list[str]:
+        rows = await self._json_rows(
+            LAPSED_TENANTS, {"now": now, "n": limit, "tenants": _list(tenant_ids)}
         )
+        return [str(t) for t in rows]
+
+    async def delete_expired_keys(self, now: datetime, limit: int) -> int:
+        async def attempt() -> int:
+            async with (
+                self._pool.connection(timeout=self._acquire_timeout_s) as conn,
+                conn.transaction(),
+            ):
+                cur = await conn.execute(DELETE_EXPIRED_KEYS, {"now": now, "n": limit})
+                row = await cur.fetchone()
+                return int(row[0]) if row else 0
+
+        return await self._retrying(attempt)
 
 
-async def price_at(conn: Conn, provider: str, model: str, at: datetime) -> ModelPrice:
-    cur = await conn.execute(
-        "SELECT effective_from, input_micros_per_million, output_micros_per_million"
-        " FROM model_prices WHERE provider = %s AND model = %s AND effective_from <= %s"
-        " ORDER BY effective_from DESC LIMIT 1",
-        (provider, model, at),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        raise missing_price(provider, model, at)
-    return ModelPrice(provider, model, row[0], row[1], row[2])
+def _list(values: Iterable[str] | None) -> list[str] | None:
+    return None if values is None else list(values)
 
 
-@dataclass(frozen=True, slots=True)
-class PlanOffer:
-    plan_id: str
-    unlimited: bool
-    quotas: tuple[Quota, ...]
-
-
-async def plan_offers(conn: Conn, resource: str, exclude_plan: str | None) -> list[PlanOffer]:
-    """Active, self-serve plans cheapest first, with their quotas of `resource`."""
-    return await (await send_plan_offers(conn, resource, exclude_plan))()
-
-
-# Active, self-serve plans cheapest first, with their quotas of a resource, as JSON text
-# (one statement for the psycopg path and the batch's Wire, db/wire.py).
-PLAN_OFFERS_SQL = """
-SELECT coalesce(json_agg(json_build_array(p.plan_id, p.unlimited, q.period, q."limit",
-                                          q.warn_at, q.overage)
-                         ORDER BY p.price_cents, p.priority DESC, p.plan_id, q.period), '[]')::text
-FROM plans p LEFT JOIN plan_quotas q ON q.plan_id = p.plan_id AND q.resource = %(resource)s::text
-WHERE p.active AND NOT p.enterprise AND p.plan_id IS DISTINCT FROM %(exclude)s::text
-"""
-
-
-def offers_from_json(resource: str, text: bytes | str) -> list[PlanOffer]:
-    offers: dict[str, PlanOffer] = {}
-    for plan_id, unlimited, period, limit, warn_at, overage in orjson.loads(text):
-        offer = offers.setdefault(plan_id, PlanOffer(plan_id, unlimited, ()))
-        if period is not None:
-            quota = Quota(resource, Period(period), limit, tuple(warn_at), Overage(overage))
-            offers[plan_id] = PlanOffer(plan_id, unlimited, (*offer.quotas, quota))
-    return list(offers.values())
-
-
-async def send_plan_offers(
-    conn: Conn, resource: str, exclude_plan: str | None
-) -> Callable[[], Awaitable[list[PlanOffer]]]:
-    """plan_offers in two steps: the statement joins the pipeline now, the result is
-    fetched when the returned function is awaited."""
-    cur = await conn.execute(PLAN_OFFERS_SQL, {"resource": resource, "exclude": exclude_plan})
-
-    async def result() -> list[PlanOffer]:
-        row = await cur.fetchone()
-        return offers_from_json(resource, row[0] if row else "[]")
-
-    return result
-
-
-# --- wallet ----------------------------------------------------------------------------
-
-
-async def lock_wallet(
-    conn: Conn, tenant_id: str, now: datetime, *, expire_due: bool = True
-) -> tuple[int, int]:
-    """Lock the tenant's wallet and expire due grants (skipped when the caller knows, as of
-    the same `now`, that none is due); returns (balance, held) micros."""
-    cur = await conn.execute(
-        "INSERT INTO wallets AS w (tenant_id, updated_at) VALUES (%s, %s)"
-        " ON CONFLICT (tenant_id) DO UPDATE SET updated_at = w.updated_at"
-        " RETURNING balance_micros, held_micros",
-        (tenant_id, now),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    balance, held = int(row[0]), int(row[1])
-    if expire_due:
-        balance, _ = await _expire_due_grants(conn, tenant_id, balance, held, now)
-    return balance, held
-
-
-async def expire_due_grants(conn: Conn, tenant_id: str, now: datetime) -> int:
-    """Lock the tenant's wallet and expire its grants past their expiry (what lock_wallet
-    does on the way); returns how many were expired."""
-    balance, held = await lock_wallet(conn, tenant_id, now, expire_due=False)
-    _, count = await _expire_due_grants(conn, tenant_id, balance, held, now)
-    return count
-
-
-async def _expire_due_grants(
-    conn: Conn, tenant_id: str, balance: int, held: int, now: datetime
-) -> tuple[int, int]:
-    """Under the wallet's lock: grants past their expiry stop paying, what they had left
-    leaves the balance with a ledger entry. Returns the new balance and how many expired."""
-    cur = await conn.execute(
-        """
-        UPDATE wallet_grants g SET expired = true, remaining_micros = 0
-        FROM (SELECT grant_id, remaining_micros FROM wallet_grants
-              WHERE tenant_id = %(t)s AND NOT expired AND expires_at <= %(now)s
-              ORDER BY grant_id FOR UPDATE) o
-        WHERE g.tenant_id = %(t)s AND g.grant_id = o.grant_id
-        RETURNING g.grant_id, o.remaining_micros
-        """,
-        {"t": tenant_id, "now": now},
-    )
-    rows = await cur.fetchall()
-    expired = [(r[0], int(r[1])) for r in rows if r[1] > 0]
-    if expired:
-        await _ledger(
-            conn, tenant_id, [(g, "expire", -m, None, "grant expired") for g, m in expired], now
-        )
-        balance -= sum(m for _, m in expired)
-        await _set_wallet(conn, tenant_id, balance, held, now)
-    return balance, len(rows)
-
-
-async def _set_wallet(conn: Conn, tenant_id: str, balance: int, held: int, now: datetime) -> None:
-    await conn.execute(
-        "UPDATE wallets SET balance_micros = %s, held_micros = %s, updated_at = %s"
-        " WHERE tenant_id = %s",
-        (balance, held, now, tenant_id),
-    )
-
-
-async def _ledger(
-    conn: Conn,
-    tenant_id: str,
-    entries: Sequence[tuple[str, str, int, str | None, str]],
-    now: datetime,
-) -> None:
-    await conn.execute(
-        """
-        INSERT INTO wallet_ledger (tenant_id, grant_id, kind, delta_micros, usage_record_id,
-                                   reason, created_at)
-        SELECT %s, g, k, d, u, r, %s
-        FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[])
-             AS e(g, k, d, u, r)
-        """,
-        (
-            tenant_id,
-            now,
-            [e[0] for e in entries],
-            [e[1] for e in entries],
-            [e[2] for e in entries],
-            [e[3] for e in entries],
-            [e[4] for e in entries],
-        ),
-    )
-
-
-async def change_wallet(
-    conn: Conn,
-    tenant_id: str,
-    balance: int,
-    held: int,
-    *,
-    debit_micros: int = 0,
-    hold_delta_micros: int = 0,
-    usage_record_id: str | None = None,
-    now: datetime,
-) -> int:
-    """Debit (soonest-expiring grants first) and/or move the hold of a locked wallet.
-
-    Returns the new balance. The caller has checked the debit fits the balance.
-    """
-    if debit_micros:
-        cur = await conn.execute(
-            "SELECT grant_id, remaining_micros, expires_at FROM wallet_grants"
-            " WHERE tenant_id = %s AND NOT expired AND remaining_micros > 0"
-            " ORDER BY expires_at NULLS LAST, created_at, grant_id FOR UPDATE",
-            (tenant_id,),
-        )
-        grants = [LiveGrant(r[0], int(r[1]), r[2]) for r in await cur.fetchall()]
-        taken = allocate_debit(grants, debit_micros)
-        await conn.execute(
-            "UPDATE wallet_grants g SET remaining_micros = g.remaining_micros - u.m"
-            " FROM unnest(%s::text[], %s::bigint[]) AS u(id, m)"
-            " WHERE g.tenant_id = %s AND g.grant_id = u.id",
-            ([t[0] for t in taken], [t[1] for t in taken], tenant_id),
-        )
-        await _ledger(
-            conn, tenant_id, [(g, "debit", -m, usage_record_id, "usage") for g, m in taken], now
-        )
-        balance -= debit_micros
-    await _set_wallet(conn, tenant_id, balance, held + hold_delta_micros, now)
-    return balance
-
-
-async def add_grant(
-    conn: Conn,
-    tenant_id: str,
-    *,
-    grant_id: str,
-    grant_key: str,
-    source: str,
-    amount_micros: int,
-    expires_at: datetime | None,
-    reason: str,
-    now: datetime,
-) -> bool:
-    """Credit a grant once per grant_key; False when that key was granted before."""
-    balance, held = await lock_wallet(conn, tenant_id, now)
-    cur = await conn.execute(
-        "INSERT INTO wallet_grants (tenant_id, grant_id, grant_key, source, amount_micros,"
-        " remaining_micros, expires_at, reason, created_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        " ON CONFLICT (tenant_id, grant_key) DO NOTHING RETURNING 1",
-        (
-            tenant_id,
-            grant_id,
-            grant_key,
-            source,
-            amount_micros,
-            amount_micros,
-            expires_at,
-            reason,
-            now,
-        ),
-    )
-    if await cur.fetchone() is None:
+def _connection_lost(exc: BaseException) -> bool:
+    """A dead connection, as opposed to a database that cannot be reached (no connection
+    within the acquire timeout: retrying would only wait as long again)."""
+    if isinstance(exc, PoolTimeout) or not isinstance(exc, psycopg.Error):
         return False
-    await _ledger(conn, tenant_id, [(grant_id, "grant", amount_micros, None, reason)], now)
-    await _set_wallet(conn, tenant_id, balance + amount_micros, held, now)
-    return True
+    return exc.sqlstate is None or exc.sqlstate in _LOST_SQLSTATES

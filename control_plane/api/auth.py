@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import psycopg
-from psycopg_pool import AsyncConnectionPool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from billing_core.api_keys import verify_api_key
+from billing_core.billing.api_keys import verify_api_key
+from billing_core.db.unit_of_work import Database
+from billing_core.errors import Unavailable
 from control_plane.api.problems import problem
 
 PROTECTED_PREFIX = "/v1/"
@@ -28,11 +26,11 @@ class ApiKeyAuth:
         scheme, _, key = headers.get("authorization", "").partition(" ")
         actor = None
         if scheme.lower() == "bearer" and key.strip() and "\x00" not in key:
-            pool: AsyncConnectionPool[Any] = scope["app"].state.pool
+            db: Database = scope["app"].state.db
             try:
-                async with pool.connection(timeout=5.0) as conn:
-                    actor = await verify_api_key(conn, key.strip())
-            except (psycopg.OperationalError, TimeoutError):
+                async with db.transaction() as uow:
+                    actor = await verify_api_key(uow, key.strip())
+            except Unavailable:
                 response = problem(503, "the database is unavailable; retry later")
                 await response(scope, receive, send)
                 return

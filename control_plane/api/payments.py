@@ -3,13 +3,35 @@ cancellation, and the webhook events' admin view."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import quote
 
-from billing_core import billing_flows, webhook_events
-from billing_core.billing import BillingAdapter
-from billing_core.billing_flows import Urls
+from billing_core.billing import payments, webhooks
+from billing_core.billing.provider import BillingAdapter
 from control_plane.api import schemas as s
 from control_plane.api.routing import Call, Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Urls:
+    """Where the provider sends the browser back: the control plane's own pages."""
+
+    public_base_url: str
+
+    def success(self, tenant_id: str) -> str:
+        return (
+            f"{self.public_base_url}/billing/return?tenant={quote(tenant_id, safe='')}"
+            "&session_id={CHECKOUT_SESSION_ID}"
+        )
+
+    def cancel(self, tenant_id: str) -> str:
+        return (
+            f"{self.public_base_url}/billing?tenant={quote(tenant_id, safe='')}&checkout=canceled"
+        )
+
+    def portal_return(self, tenant_id: str) -> str:
+        return f"{self.public_base_url}/billing?tenant={quote(tenant_id, safe='')}"
 
 
 def _adapter(call: Call) -> BillingAdapter:
@@ -27,24 +49,26 @@ def _grace(call: Call) -> timedelta:
 
 async def create_checkout(call: Call) -> s.SessionLink:
     b: s.CheckoutCreate = call.body
-    link = await billing_flows.start_checkout(
-        call.conn, _adapter(call), _urls(call), call.actor, call.path["tenant_id"], b.plan_id,
-        call.now,
+    tenant_id = call.path["tenant_id"]
+    link = await payments.start_checkout(
+        call.uow, _adapter(call), call.actor, tenant_id, b.plan_id, call.now,
+        success_url=_urls(call).success(tenant_id), cancel_url=_urls(call).cancel(tenant_id),
     )  # fmt: skip
     return s.SessionLink(session_id=link.session_id, url=link.url)
 
 
 async def create_portal(call: Call) -> s.SessionLink:
-    link = await billing_flows.open_portal(
-        call.conn, _adapter(call), _urls(call), call.path["tenant_id"]
+    tenant_id = call.path["tenant_id"]
+    link = await payments.open_portal(
+        call.uow, _adapter(call), tenant_id, return_url=_urls(call).portal_return(tenant_id)
     )
     return s.SessionLink(session_id=link.session_id, url=link.url)
 
 
 async def change_plan(call: Call) -> s.Subscription:
     b: s.PlanChange = call.body
-    view = await billing_flows.change_plan(
-        call.conn, _adapter(call), call.actor, call.path["tenant_id"], b.plan_id, call.now,
+    view = await payments.change_plan(
+        call.uow, _adapter(call), call.actor, call.path["tenant_id"], b.plan_id, call.now,
         _grace(call),
     )  # fmt: skip
     return s.Subscription.model_validate(view)
@@ -52,8 +76,8 @@ async def change_plan(call: Call) -> s.Subscription:
 
 async def cancel(call: Call) -> s.Subscription:
     b: s.CancelChange = call.body
-    view = await billing_flows.set_cancel_at_period_end(
-        call.conn, _adapter(call), call.actor, call.path["tenant_id"], b.cancel_at_period_end,
+    view = await payments.set_cancel_at_period_end(
+        call.uow, _adapter(call), call.actor, call.path["tenant_id"], b.cancel_at_period_end,
         call.now, _grace(call),
     )  # fmt: skip
     return s.Subscription.model_validate(view)
@@ -61,18 +85,14 @@ async def cancel(call: Call) -> s.Subscription:
 
 async def list_webhook_events(call: Call) -> s.WebhookEventPage:
     q: s.WebhookQuery = call.query
-    page = await webhook_events.list_events(
-        call.conn, status=q.status, limit=q.limit, cursor=q.cursor
-    )
+    page = await webhooks.list_events(call.uow, status=q.status, limit=q.limit, cursor=q.cursor)
     return s.WebhookEventPage(
         items=[s.WebhookEvent.model_validate(e) for e in page.items], next_cursor=page.next_cursor
     )
 
 
 async def reprocess_webhook_event(call: Call) -> s.WebhookEvent:
-    stored = await webhook_events.reprocess(
-        call.conn, _adapter(call), call.path["event_id"], call.now
-    )
+    stored = await webhooks.reprocess(call.db, _adapter(call), call.path["event_id"], call.now)
     return s.WebhookEvent.model_validate(stored)
 
 

@@ -11,18 +11,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import psycopg
-from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from billing_core.admin import idempotency
+from billing_core.billing import idempotency
 from billing_core.clock import Clock
-from billing_core.db.quota_store import Conn
-from billing_core.errors import QuotaError, Unavailable
+from billing_core.db.unit_of_work import Database, UnitOfWork
+from billing_core.errors import QuotaError
 from billing_core.settings import Settings
 from control_plane.api.problems import (
     PROBLEM_JSON,
@@ -39,11 +37,12 @@ MAX_BODY_BYTES = 1_000_000
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """What a handler gets: validated input and the means to act."""
+    """What a handler gets: validated input, the call's unit of work (one transaction;
+    committed when the handler returns) and the database for work beyond it."""
 
     request: Request
-    conn: Conn
-    pool: AsyncConnectionPool[Any]
+    uow: UnitOfWork
+    db: Database
     settings: Settings
     now: datetime
     actor: str
@@ -132,46 +131,32 @@ def route(ep: Endpoint, clock: Clock) -> Route:
         except _BadInput as bad:
             return bad.response
         app = request.app
-        pool: AsyncConnectionPool[Any] = app.state.pool
+        db: Database = app.state.db
         actor: str = request.scope.get("state", {}).get("actor", "anonymous")
         key = request.headers.get("idempotency-key") if ep.idempotent else None
         try:
-            async with pool.connection(timeout=5.0) as conn:
+            async with db.transaction() as uow:
                 call = Call(
-                    request, conn, pool, app.state.settings, clock.now(), actor, path, body, query
+                    request, uow, db, app.state.settings, clock.now(), actor, path, body, query
                 )
                 if key is None:
-                    result = await ep.handler(call)
-                    return _respond(ep, result)
-                async with conn.transaction():
-                    digest = _request_hash(ep, path, body)
-                    stored = await idempotency.claim(conn, actor, key, digest)
-                    if stored is not None:
-                        return JSONResponse(
-                            stored[1],
-                            status_code=stored[0],
-                            headers={"Idempotent-Replayed": "true"},
-                        )
-                    result = await ep.handler(call)
-                    response = _respond(ep, result)
-                    assert isinstance(result, BaseModel)
-                    await idempotency.remember(
-                        conn,
-                        actor,
-                        key,
-                        digest,
-                        response.status_code,
-                        result.model_dump(mode="json"),
-                        call.now,
+                    return _respond(ep, await ep.handler(call))
+                digest = _request_hash(ep, path, body)
+                stored = await idempotency.claim(uow, actor, key, digest)
+                if stored is not None:
+                    return JSONResponse(
+                        stored[1], status_code=stored[0], headers={"Idempotent-Replayed": "true"}
                     )
-                    return response
+                result = await ep.handler(call)
+                response = _respond(ep, result)
+                assert isinstance(result, BaseModel)
+                body_json = result.model_dump(mode="json")
+                await idempotency.remember(
+                    uow, actor, key, digest, response.status_code, body_json, call.now
+                )
+                return response
         except QuotaError as exc:
             return from_error(exc)
-        except (psycopg.OperationalError, TimeoutError):
-            return from_error(Unavailable("the database is unavailable; retry later"))
-        except psycopg.DataError as exc:
-            # a value PostgreSQL cannot take (out of range, bad encoding) is the caller's
-            return problem(422, f"a value is out of range: {type(exc).__name__}")
 
     return Route(ep.path, endpoint, methods=[ep.method], name=ep.operation_id)
 

@@ -1,21 +1,22 @@
-"""The /v1 admin and integration API: thin handlers over billing_core's admin use cases."""
+"""The /v1 admin and integration API: thin handlers over billing_core's use cases."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections.abc import AsyncIterator
-from datetime import timedelta
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from billing_core.admin import plans, prices, tenants, usage, wallet
-from billing_core.catalog import GrantSpec, PlanSpec, quota
-from billing_core.limits import Quota
-from billing_core.quota_engine import QuotaEngine, QuotaRules
-from billing_core.usage import UsageRequest
+from billing_core.billing import plans, prices, subscriptions, tenants, usage, wallet
+from billing_core.billing.model import GrantSpec, PlanSpec, PlanView, PriceView, RecordFilter, quota
+from billing_core.quota.engine import QuotaEngine
+from billing_core.quota.model import RECORD_FIELDS, UsageRecord
+from billing_core.quota.requests import UsageRequest
+from billing_core.rules.limits import Quota
 from control_plane.api import schemas as s
 from control_plane.api.routing import Call, Endpoint
 
@@ -45,7 +46,7 @@ def _grants(specs: list[s.WalletGrantSpec]) -> tuple[GrantSpec, ...]:
     return tuple(GrantSpec(g.on, g.amount_micros, g.expires_after_days) for g in specs)
 
 
-def _plan_out(view: plans.PlanView) -> s.Plan:
+def _plan_out(view: PlanView) -> s.Plan:
     spec = view.spec
     return s.Plan(
         plan_id=view.plan_id,
@@ -82,7 +83,7 @@ def _plan_out(view: plans.PlanView) -> s.Plan:
 
 async def list_plans(call: Call) -> s.PlanPage:
     q: s.PlanQuery = call.query
-    page = await plans.list_plans(call.conn, limit=q.limit, cursor=q.cursor, active=q.active)
+    page = await plans.list_plans(call.uow, limit=q.limit, cursor=q.cursor, active=q.active)
     return s.PlanPage(items=[_plan_out(v) for v in page.items], next_cursor=page.next_cursor)
 
 
@@ -104,12 +105,12 @@ async def create_plan(call: Call) -> s.Plan:
         unlimited=b.unlimited,
         wallet_grants=_grants(b.wallet_grants),
     )
-    view = await plans.create_plan(call.conn, call.actor, spec, call.now, b.plan_id)
+    view = await plans.create_plan(call.uow, call.actor, spec, call.now, b.plan_id)
     return _plan_out(view)
 
 
 async def get_plan(call: Call) -> s.Plan:
-    return _plan_out(await plans.get_plan(call.conn, call.path["plan_id"]))
+    return _plan_out(await plans.get_plan(call.uow, call.path["plan_id"]))
 
 
 async def patch_plan(call: Call) -> s.Plan:
@@ -121,12 +122,12 @@ async def patch_plan(call: Call) -> s.Plan:
         changes["quotas"] = _quotas(b.quotas or [])
     if "wallet_grants" in changes:
         changes["wallet_grants"] = _grants(b.wallet_grants or [])
-    view = await plans.update_plan(call.conn, call.actor, call.path["plan_id"], changes, call.now)
+    view = await plans.update_plan(call.uow, call.actor, call.path["plan_id"], changes, call.now)
     return _plan_out(view)
 
 
 async def archive_plan(call: Call) -> s.Plan:
-    view = await plans.archive_plan(call.conn, call.actor, call.path["plan_id"], call.now)
+    view = await plans.archive_plan(call.uow, call.actor, call.path["plan_id"], call.now)
     return _plan_out(view)
 
 
@@ -135,7 +136,7 @@ async def archive_plan(call: Call) -> s.Plan:
 
 async def list_tenants(call: Call) -> s.TenantPage:
     q: s.PageQuery = call.query
-    page = await tenants.list_tenants(call.conn, limit=q.limit, cursor=q.cursor)
+    page = await tenants.list_tenants(call.uow, limit=q.limit, cursor=q.cursor)
     return s.TenantPage(
         items=[s.Tenant.model_validate(t) for t in page.items], next_cursor=page.next_cursor
     )
@@ -144,45 +145,47 @@ async def list_tenants(call: Call) -> s.TenantPage:
 async def create_tenant(call: Call) -> s.Tenant:
     b: s.TenantCreate = call.body
     view = await tenants.create_tenant(
-        call.conn, call.actor, b.tenant_id, b.name, call.now, email=b.email, timezone=b.timezone
+        call.uow, call.actor, b.tenant_id, b.name, call.now, email=b.email, timezone=b.timezone
     )
     return s.Tenant.model_validate(view)
 
 
 async def get_tenant(call: Call) -> s.Tenant:
-    return s.Tenant.model_validate(await tenants.get_tenant(call.conn, call.path["tenant_id"]))
+    return s.Tenant.model_validate(await tenants.get_tenant(call.uow, call.path["tenant_id"]))
 
 
 async def get_subscription(call: Call) -> s.Subscription:
-    view = await tenants.get_subscription(call.conn, call.path["tenant_id"], call.now, _grace(call))
+    view = await subscriptions.get_subscription(
+        call.uow, call.path["tenant_id"], call.now, _grace(call)
+    )
     return s.Subscription.model_validate(view)
 
 
 async def put_subscription(call: Call) -> s.Subscription:
     b: s.SubscriptionPut = call.body
-    view = await tenants.assign_plan(
-        call.conn, call.actor, call.path["tenant_id"], b.plan_id, call.now, _grace(call)
+    view = await subscriptions.assign_plan(
+        call.uow, call.actor, call.path["tenant_id"], b.plan_id, call.now, _grace(call)
     )
     return s.Subscription.model_validate(view)
 
 
 async def start_trial(call: Call) -> s.Subscription:
     b: s.TrialStart = call.body
-    view = await tenants.start_trial(
-        call.conn, call.actor, call.path["tenant_id"], b.plan_id, call.now, _grace(call)
+    view = await subscriptions.start_trial(
+        call.uow, call.actor, call.path["tenant_id"], b.plan_id, call.now, _grace(call)
     )
     return s.Subscription.model_validate(view)
 
 
 async def get_overrides(call: Call) -> s.Overrides:
-    found = await tenants.get_overrides(call.conn, call.path["tenant_id"])
+    found = await tenants.get_overrides(call.uow, call.path["tenant_id"])
     return s.Overrides(quotas=[_quota_out(q) for q in found])
 
 
 async def put_overrides(call: Call) -> s.Overrides:
     b: s.Overrides = call.body
     found = await tenants.set_overrides(
-        call.conn, call.actor, call.path["tenant_id"], _quotas(b.quotas), call.now
+        call.uow, call.actor, call.path["tenant_id"], _quotas(b.quotas), call.now
     )
     return s.Overrides(quotas=[_quota_out(q) for q in found])
 
@@ -191,7 +194,7 @@ async def put_overrides(call: Call) -> s.Overrides:
 
 
 async def get_usage(call: Call) -> s.Usage:
-    engine = QuotaEngine(call.pool, _FixedClock(call), QuotaRules(past_due_grace=_grace(call)))
+    engine: QuotaEngine = call.request.app.state.engine
     report = await engine.usage(UsageRequest(call.path["tenant_id"]))
     return s.Usage(
         tenant_id=call.path["tenant_id"],
@@ -220,32 +223,23 @@ async def get_usage(call: Call) -> s.Usage:
     )
 
 
-class _FixedClock:
-    def __init__(self, call: Call) -> None:
-        self._now = call.now
-
-    def now(self) -> Any:
-        return self._now
-
-
-def _record_filter(call: Call) -> usage.RecordFilter:
+def _record_filter(call: Call) -> RecordFilter:
     q: s.RecordQuery = call.query
-    return usage.RecordFilter(call.path["tenant_id"], q.resource, q.since, q.until)
+    return RecordFilter(call.path["tenant_id"], q.resource, q.since, q.until)
 
 
 async def list_usage_records(call: Call) -> s.UsageRecordPage | StreamingResponse:
     flt = _record_filter(call)
     q: s.RecordQuery = call.query
     if _wants_csv(call):
-        flt.params()  # validate, and 404 an unknown tenant, before the stream starts
-        await tenants.get_tenant(call.conn, flt.tenant_id)
+        records = await usage.export_records(call.db, flt)  # checked before the stream starts
         filename = f"usage-{flt.tenant_id}.csv".replace('"', "")
         return StreamingResponse(
-            _csv_lines(call, flt),
+            _csv_lines(records),
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
-    page = await usage.list_records(call.conn, flt, limit=q.limit, cursor=q.cursor)
+    page = await usage.list_records(call.uow, flt, limit=q.limit, cursor=q.cursor)
     return s.UsageRecordPage(
         items=[s.UsageRecord.model_validate(r) for r in page.items], next_cursor=page.next_cursor
     )
@@ -256,20 +250,21 @@ def _wants_csv(call: Call) -> bool:
     return "text/csv" in accept and "application/json" not in accept
 
 
-async def _csv_lines(call: Call, flt: usage.RecordFilter) -> AsyncIterator[str]:
+def _csv_cell(value: object) -> object:
+    if isinstance(value, Mapping):
+        return json.dumps(dict(value), sort_keys=True)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return "" if value is None else value
+
+
+async def _csv_lines(records: AsyncIterator[UsageRecord]) -> AsyncIterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(usage.RECORD_FIELDS)
+    writer.writerow(RECORD_FIELDS)
     batch = 0
-    async for row in usage.stream_records(call.pool, flt):
-        writer.writerow(
-            [
-                json.dumps(v, sort_keys=True) if isinstance(v, dict) else
-                v.isoformat() if hasattr(v, "isoformat") else
-                "" if v is None else v
-                for v in row
-            ]
-        )  # fmt: skip
+    async for row in records:
+        writer.writerow([_csv_cell(v) for v in row])
         batch += 1
         if batch >= 500:
             yield buffer.getvalue()
@@ -282,7 +277,7 @@ async def _csv_lines(call: Call, flt: usage.RecordFilter) -> AsyncIterator[str]:
 async def list_notifications(call: Call) -> s.NotificationPage:
     q: s.PageQuery = call.query
     page = await usage.list_notifications(
-        call.conn, call.path["tenant_id"], limit=q.limit, cursor=q.cursor
+        call.uow, call.path["tenant_id"], limit=q.limit, cursor=q.cursor
     )
     return s.NotificationPage(
         items=[s.Notification.model_validate(n) for n in page.items], next_cursor=page.next_cursor
@@ -295,7 +290,7 @@ async def list_notifications(call: Call) -> s.NotificationPage:
 async def get_wallet(call: Call) -> s.Wallet:
     q: s.PageQuery = call.query
     view = await wallet.get_wallet(
-        call.conn, call.path["tenant_id"], call.now, limit=q.limit, cursor=q.cursor
+        call.uow, call.path["tenant_id"], call.now, limit=q.limit, cursor=q.cursor
     )
     return s.Wallet(
         tenant_id=view.tenant_id,
@@ -313,7 +308,7 @@ async def get_wallet(call: Call) -> s.Wallet:
 async def create_grant(call: Call) -> s.WalletGrant:
     b: s.WalletGrantCreate = call.body
     view = await wallet.grant(
-        call.conn,
+        call.uow,
         call.actor,
         call.path["tenant_id"],
         b.amount_micros,
@@ -327,7 +322,7 @@ async def create_grant(call: Call) -> s.WalletGrant:
 async def list_prices(call: Call) -> s.ModelPricePage:
     q: s.PriceQuery = call.query
     page = await prices.list_prices(
-        call.conn, limit=q.limit, cursor=q.cursor, provider=q.provider, model=q.model
+        call.uow, limit=q.limit, cursor=q.cursor, provider=q.provider, model=q.model
     )
     return s.ModelPricePage(
         items=[s.ModelPrice.model_validate(p) for p in page.items], next_cursor=page.next_cursor
@@ -336,16 +331,14 @@ async def list_prices(call: Call) -> s.ModelPricePage:
 
 async def put_price(call: Call) -> s.ModelPrice:
     b: s.ModelPricePut = call.body
-    view = await prices.set_price(
-        call.conn,
-        call.actor,
+    price = PriceView(
         call.path["provider"],
         call.path["model"],
+        b.effective_from or call.now,
         b.input_micros_per_million,
         b.output_micros_per_million,
-        b.effective_from or call.now,
-        call.now,
     )
+    view = await prices.set_price(call.uow, call.actor, price, call.now)
     return s.ModelPrice.model_validate(view)
 
 

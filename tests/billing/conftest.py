@@ -19,8 +19,9 @@ import uvicorn
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 
-from billing_core.api_keys import create_api_key
+from billing_core.billing.api_keys import create_api_key
 from billing_core.db.pool import open_pool
+from billing_core.db.unit_of_work import Database
 from billing_core.settings import Settings
 from control_plane.app import create_app as create_control_plane
 from stripe_emulator.app import create_app as create_emulator
@@ -118,8 +119,8 @@ async def billing_stack(
         await stack.enter_async_context(serve(app, cp_sock))
         pool = await open_pool(database_url, 4)
         stack.push_async_callback(pool.close)
-        async with pool.connection() as conn:
-            key = await create_api_key(conn, "billing-tests", datetime.now(UTC))
+        async with Database(pool).transaction() as uow:
+            key = await create_api_key(uow, "tests", "billing-tests", datetime.now(UTC))
         yield Stack(f"http://127.0.0.1:{cp_port}", key, emulator_url, settings, pool, emulator)
 
 

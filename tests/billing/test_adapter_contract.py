@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from billing_core.billing import InvalidSignature
+from billing_core.billing.provider import InvalidSignature
 from billing_core.errors import NotFound
 from billing_core.settings import Settings
 from control_plane.stripe_adapter import StripeBillingAdapter

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import stripe
 
-from billing_core import billing_flows
+from billing_core.billing.subscriptions import expire_trials
+from billing_core.db.unit_of_work import Database
 from tests.billing.conftest import Stack, pay, stripe_sdk
 
 DAY = 86_400
@@ -118,9 +119,9 @@ async def test_stripe_trial_warns_then_becomes_paid_without_a_gap(stack: Stack, 
         tenant = (await api.get(f"/v1/tenants/{t}")).json()
         assert tenant["trial_used_at"] is not None  # the one trial is spent
         # our own trial expiry leaves Stripe's trials alone, even past their end
-        async with stack.pool.connection() as conn:
+        async with Database(stack.pool).transaction() as uow:
             later = datetime.now(UTC) + timedelta(days=30)
-            await billing_flows.expire_trials(conn, later)
+            await expire_trials(uow, "tests", later)
         assert (await api.get(f"/v1/tenants/{t}/subscription")).json()["status"] == "trialing"
         await client.v1.test_helpers.test_clocks.advance_async(
             clock, params={"frozen_time": now + 12 * DAY}
@@ -157,10 +158,11 @@ async def test_a_card_less_trial_expires_or_continues_into_a_paid_plan(
         assert "due today" in page.text
         await pay(r.json()["url"])
         await stack.settle()
-        async with stack.pool.connection() as conn:
-            later = datetime.now(UTC) + timedelta(days=8)
-            assert await billing_flows.expire_trials(conn, later) >= 1
-            assert await billing_flows.expire_trials(conn, later) == 0  # idempotent
+        later = datetime.now(UTC) + timedelta(days=8)
+        async with Database(stack.pool).transaction() as uow:
+            assert await expire_trials(uow, "tests", later) >= 1
+        async with Database(stack.pool).transaction() as uow:
+            assert await expire_trials(uow, "tests", later) == 0  # idempotent
         a = (await api.get(f"/v1/tenants/a-{uid}/subscription")).json()
         b = (await api.get(f"/v1/tenants/b-{uid}/subscription")).json()
         assert a["status"] == "trial_expired" and "has ended" in a["explanation"]

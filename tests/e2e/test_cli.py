@@ -6,10 +6,8 @@ import asyncio
 import os
 import sys
 
-import psycopg
-
-from billing_core.api_keys import verify_api_key
-from billing_core.db.urls import libpq_url
+from billing_core.billing.api_keys import verify_api_key
+from billing_core.db.unit_of_work import Database
 
 
 async def cli(database_url: str, *args: str) -> tuple[int, str, str]:
@@ -46,8 +44,12 @@ async def test_seed_list_key_and_expire(scratch_database: str) -> None:
     assert lines["pro"][2] == "20.00 usd" and lines["pro"][3] == "active"
     code, out, _ = await cli(database_url, "create-api-key", "--name", "ops")
     key = out.strip()
-    async with await psycopg.AsyncConnection.connect(libpq_url(database_url)) as conn:
-        assert await verify_api_key(conn, key) is not None
+    db = await Database.open(database_url, 1)
+    try:
+        async with db.transaction() as uow:
+            assert await verify_api_key(uow, key) is not None
+    finally:
+        await db.close()
     code, out, _ = await cli(database_url, "expire-trials")
     assert code == 0 and out.startswith("expired ")
     code, _, err = await cli(database_url, "no-such-command")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from billing_core.catalog import quota
+from billing_core.billing.model import quota
 from quota_service.server import QuotaServer
 from tests import factories as f
 

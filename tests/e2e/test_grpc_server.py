@@ -17,8 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from quota.v1 import quota_service_pb2_grpc
 from quota_client import AsyncQuotaClient, FailureMode, QuotaUnavailable, Tokens, pb
 
-from billing_core import catalog
-from billing_core.catalog import quota
+from billing_core.billing.model import quota
 from billing_core.db.embedded import drop_database, ensure_database
 from billing_core.db.migrate import upgrade
 from billing_core.db.urls import libpq_url
@@ -75,18 +74,20 @@ async def test_coalesced_calls_keep_to_the_lanes_own_connection(
 ) -> None:
     """Batches run on the lanes' pool (one connection per lane), not on the shared pool that
     hands its connections out in turn: one warm backend decides every batch."""
-    batch_pool = sidecar.batch_pool
+    batch_pool = sidecar.database.batch_pool
     assert batch_pool is not None and batch_pool.max_size == sidecar.settings.coalesce_lanes == 1
     plan = await f.plan(pool, NOW, uid, [quota("messages", "daily", 100)])
     t = await f.tenant(pool, NOW, f"t-{uid}", plan)
     batches = batch_pool.get_stats().get("requests_num", 0)
-    shared = sidecar.pool.get_stats().get("requests_num", 0)
+    shared = sidecar.database.pool.get_stats().get("requests_num", 0)
     sizes_before = sidecar.registry.get_sample_value("quota_coalesced_batch_size_sum") or 0
     async with AsyncQuotaClient(target(sidecar)) as client:
         for _ in range(12):
             assert (await client.check_and_consume(t, "messages", 1)).allowed
     assert batch_pool.get_stats().get("requests_num", 0) - batches == 12
-    assert sidecar.pool.get_stats().get("requests_num", 0) - shared < 12  # health pings only
+    assert (
+        sidecar.database.pool.get_stats().get("requests_num", 0) - shared < 12
+    )  # health pings only
     # every batch's size reaches the metrics: here twelve batches of one
     sizes = sidecar.registry.get_sample_value("quota_coalesced_batch_size_sum") or 0
     assert sizes - sizes_before == 12
@@ -270,7 +271,7 @@ async def test_shared_token_is_required_except_for_health(server_url: str) -> No
 async def test_shutdown_drains_in_flight_calls(server_url: str) -> None:
     server, name = await _private_sidecar(server_url)
     url = server.settings.database_url
-    pool = server.pool
+    pool = server.database.pool
     try:
         plan = await f.plan(pool, NOW, "drain", [quota("messages", "overall", 10)])
         t = await f.tenant(pool, NOW, "drain-tenant", plan)
@@ -299,7 +300,7 @@ async def test_shutdown_drains_in_flight_calls(server_url: str) -> None:
 
 async def test_the_running_sidecar_forgets_expired_idempotency_keys(server_url: str) -> None:
     server, name = await _private_sidecar(server_url, reservation_sweep_seconds=1)
-    pool = server.pool
+    pool = server.database.pool
     try:
         plan = await f.plan(pool, NOW, "keys", [quota("messages", "overall", 10)])
         t = await f.tenant(pool, NOW, "keys-tenant", plan)
@@ -327,35 +328,30 @@ async def test_the_running_sidecar_forgets_expired_idempotency_keys(server_url: 
         drop_database(server_url, name)
 
 
-async def test_the_running_sidecar_tidies_a_tenant_its_batches_decided_one_by_one(
+async def test_the_running_sidecar_clears_a_lapsed_grant_with_the_call_that_meets_it(
     server_url: str,
 ) -> None:
-    """A grant past its expiry sends its tenant's calls one by one; the sidecar expires it
-    right after such a batch, not at the next periodic sweep (an hour away here)."""
+    """A grant past its expiry is expired by the first call for its tenant (the periodic
+    sweep is an hour away here), in that call's own batch: nothing falls back."""
     server, name = await _private_sidecar(server_url, reservation_sweep_seconds=3600)
-    pool = server.pool
+    pool = server.database.pool
     try:
         assert server.coalescer is not None
         plan = await f.plan(pool, NOW, "tidy", [quota("messages", "overall", 10)])
         t = await f.tenant(pool, NOW, "tidy-tenant", plan)
-        async with pool.connection() as conn:
-            await catalog.grant_credits(
-                conn, t, 70, NOW - timedelta(hours=2), reason="trial",
-                expires_at=NOW - timedelta(hours=1),
-            )  # fmt: skip
+        await f.credit(
+            pool, t, 70, NOW - timedelta(hours=2), reason="trial",
+            expires_at=NOW - timedelta(hours=1),
+        )  # fmt: skip
+        balance = await f.fetch(pool, "SELECT balance_micros FROM wallets WHERE tenant_id = %s", t)
+        assert balance == [(70,)]
         async with AsyncQuotaClient(target(server)) as client:
             assert (await client.check_and_consume(t, "messages", 1)).allowed
-            swept: float | None = None
-            for _ in range(50):
-                await asyncio.sleep(0.1)
-                swept = server.registry.get_sample_value("quota_swept_total", {"kind": "grants"})
-                if swept:
-                    break
-            assert swept == 1
-            alone = "quota_batch_decided_one_by_one_total"
-            assert server.registry.get_sample_value(alone) == 1
+            balance = await f.fetch(
+                pool, "SELECT balance_micros FROM wallets WHERE tenant_id = %s", t
+            )
+            assert balance == [(0,)]
             assert (await client.check_and_consume(t, "messages", 1)).allowed
-            assert server.registry.get_sample_value(alone) == 1  # batched again
             fallbacks = {
                 reason: server.registry.get_sample_value(
                     "quota_batch_fallbacks_total", {"reason": reason}
@@ -363,8 +359,10 @@ async def test_the_running_sidecar_tidies_a_tenant_its_batches_decided_one_by_on
                 for reason in ("race", "locked", "refused", "failed")
             }
             assert fallbacks == {"race": 0, "locked": 0, "refused": 0, "failed": 0}
-        balance = await f.fetch(pool, "SELECT balance_micros FROM wallets WHERE tenant_id = %s", t)
-        assert balance == [(0,)]
+        ledger = await f.fetch(
+            pool, "SELECT kind, delta_micros FROM wallet_ledger WHERE tenant_id = %s ORDER BY 1", t
+        )
+        assert ledger == [("expire", -70), ("grant", 70)]
     finally:
         await server.stop(grace=1)
         drop_database(server_url, name)
@@ -379,7 +377,7 @@ async def test_the_running_sidecar_counts_stalled_batches_and_lost_connections(
     server, name = await _private_sidecar(
         server_url, coalesce_stall_ms=50, batch_lock_timeout_ms=150
     )
-    pool = server.pool
+    pool = server.database.pool
     stalled, lost = "quota_batch_stalled_total", "quota_db_connections_lost_total"
     locked = ("quota_batch_fallbacks_total", {"reason": "locked"})
     try:

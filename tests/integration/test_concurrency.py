@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from billing_core.catalog import quota
+from billing_core.billing.model import quota
 from billing_core.clock import FrozenClock
 from billing_core.db.pool import open_pool
-from billing_core.limits import Reason
-from billing_core.pricing import TokenUsage
-from billing_core.quota_engine import QuotaEngine, QuotaRules
-from billing_core.usage import ConsumeRequest, Decision
+from billing_core.quota.answers import Decision
+from billing_core.quota.engine import QuotaEngine, QuotaRules
+from billing_core.quota.requests import ConsumeRequest
+from billing_core.rules.limits import Reason
+from billing_core.rules.pricing import TokenUsage
 from tests import factories as f
 
 Pool = AsyncConnectionPool[Any]
@@ -35,7 +36,7 @@ async def wide_pool(database_url: str) -> AsyncIterator[Pool]:
 
 @pytest.fixture
 def wide_engine(wide_pool: Pool, clock: FrozenClock) -> QuotaEngine:
-    return QuotaEngine(wide_pool, clock, QuotaRules(acquire_timeout_s=30))
+    return f.engine(wide_pool, clock, QuotaRules(), acquire_timeout_s=30)
 
 
 async def run_callers(

@@ -9,15 +9,12 @@ import pytest
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from billing_core import catalog
-from billing_core.catalog import quota
+from billing_core.billing.model import quota
 from billing_core.clock import FrozenClock
 from billing_core.db.pool import open_pool
 from billing_core.errors import Conflict, InvalidRequest, NotFound
-from billing_core.limits import Reason, SubscriptionStatus, WindowState
-from billing_core.pricing import TokenUsage
-from billing_core.quota_engine import QuotaEngine, QuotaRules
-from billing_core.usage import (
+from billing_core.quota.engine import QuotaEngine, QuotaRules
+from billing_core.quota.requests import (
     CommitRequest,
     ConsumeRequest,
     FreeRequest,
@@ -25,6 +22,9 @@ from billing_core.usage import (
     ReserveRequest,
     UsageRequest,
 )
+from billing_core.quota.sweeps import Sweeper
+from billing_core.rules.limits import Reason, SubscriptionStatus, WindowState
+from billing_core.rules.pricing import TokenUsage
 from tests import factories as f
 
 Pool = AsyncConnectionPool[Any]
@@ -226,11 +226,8 @@ async def test_an_expired_grant_stops_paying_and_is_written_off_in_the_ledger(
     await f.price(pool, "acme", f"m-{uid}", 1_000_000, 0, now - timedelta(days=1))
     plan = await f.plan(pool, now, uid, [quota("tokens", "daily", 0, overage="wallet")])
     t = await f.tenant(pool, now, f"t-{uid}", plan)
-    async with pool.connection() as conn:
-        await catalog.grant_credits(
-            conn, t, 700, now, reason="promo", expires_at=now + timedelta(hours=1)
-        )
-        await catalog.grant_credits(conn, t, 300, now, reason="paid")
+    await f.credit(pool, t, 700, now, reason="promo", expires_at=now + timedelta(hours=1))
+    await f.credit(pool, t, 300, now, reason="paid")
     tokens = TokenUsage("acme", f"m-{uid}", 100, 0)  # 100 micros
     first = await engine.consume(ConsumeRequest(t, "tokens", 1, "e1", tokens=tokens))
     assert first.allowed and first.wallet_balance_micros == 900  # the soonest-expiring pays
@@ -256,7 +253,8 @@ async def test_expired_idempotency_keys_are_swept_and_their_request_ids_count_an
     anew whether or not its key is still there."""
     pool = await open_pool(scratch_database, 2)
     try:
-        engine = QuotaEngine(pool, clock, QuotaRules())
+        engine = f.engine(pool, clock, QuotaRules())
+        sweeper = Sweeper(engine, engine._store, clock)
         plan = await f.plan(pool, clock.now(), "sweep", [quota("messages", "monthly", 100)])
         t = await f.tenant(pool, clock.now(), "t-sweep", plan)
         for rid in ("old-1", "old-2", "old-3", "held"):
@@ -268,11 +266,11 @@ async def test_expired_idempotency_keys_are_swept_and_their_request_ids_count_an
             await other.execute(
                 "SELECT 1 FROM idempotency_keys WHERE request_id = 'held' FOR UPDATE"
             )
-            assert await engine.sweep_expired_keys(limit=2, rounds=1) == 2  # two per transaction
-            assert await engine.sweep_expired_keys(limit=2, rounds=5) == 1  # "held" skipped
+            assert await sweeper.idempotency_keys(limit=2, rounds=1) == 2  # two per transaction
+            assert await sweeper.idempotency_keys(limit=2, rounds=5) == 1  # "held" skipped
             await other.rollback()
-        assert await engine.sweep_expired_keys() == 1
-        assert await engine.sweep_expired_keys() == 0
+        assert await sweeper.idempotency_keys() == 1
+        assert await sweeper.idempotency_keys() == 0
         kept = await f.fetch(
             pool, "SELECT request_id FROM idempotency_keys WHERE tenant_id = %s", t
         )

@@ -23,20 +23,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool
 
-from billing_core.catalog import quota
+from billing_core.billing.model import quota
 from billing_core.clock import FrozenClock
 from billing_core.errors import Conflict, InvalidRequest
-from billing_core.periods import tenant_zone, window_for
-from billing_core.pricing import TokenUsage
-from billing_core.quota_engine import QuotaEngine, QuotaRules
-from billing_core.resources import Period
-from billing_core.usage import (
+from billing_core.quota.engine import QuotaEngine, QuotaRules
+from billing_core.quota.requests import (
     CommitRequest,
     ConsumeRequest,
     FreeRequest,
     ReleaseRequest,
     ReserveRequest,
 )
+from billing_core.quota.sweeps import Sweeper
+from billing_core.rules.periods import tenant_zone, window_for
+from billing_core.rules.pricing import TokenUsage
+from billing_core.rules.resources import Period
 from tests import factories as f
 
 Pool = AsyncConnectionPool[Any]
@@ -119,8 +120,9 @@ async def setup_plan(pool: Pool) -> str:
 
 
 class Runner:
-    def __init__(self, engine: QuotaEngine, clock: FrozenClock, tenant: str) -> None:
-        self.engine, self.clock, self.tenant = engine, clock, tenant
+    def __init__(self, pool: Pool, engine: QuotaEngine, clock: FrozenClock, tenant: str) -> None:
+        self.pool, self.engine, self.clock, self.tenant = pool, engine, clock, tenant
+        self.sweeper = Sweeper(engine, engine._store, clock)
         self.reservations: list[str] = []
         self.seq = itertools.count()
 
@@ -169,7 +171,7 @@ class Runner:
                 self.reservations.extend(made)
             case Commit(which, percent, n) if which < len(self.reservations):
                 rid = self.reservations[which]
-                reserved = await reserved_amount(self.engine, t, rid)
+                reserved = await reserved_amount(self.pool, t, rid)
                 actual = max(1, reserved * percent // 100)
                 creq = CommitRequest(t, rid, actual, tokens=self.tokens(actual))
                 await self.same_answer(n, lambda: self.engine.commit(creq))
@@ -181,8 +183,8 @@ class Runner:
             case Tick(seconds):
                 self.clock.advance(timedelta(seconds=seconds))
             case Sweep():
-                await self.engine.sweep_expired()
-                await self.engine.sweep_expired_keys()
+                await self.sweeper.lapsed()
+                await self.sweeper.idempotency_keys()
             case _:
                 pass  # a commit/release of a reservation that was never made
 
@@ -193,8 +195,7 @@ def _without_replayed(result: Any) -> Any:
     return repr(sorted(data.items()))
 
 
-async def reserved_amount(engine: QuotaEngine, tenant: str, reservation_id: str) -> int:
-    pool = engine._pool  # the same database the engine writes
+async def reserved_amount(pool: Pool, tenant: str, reservation_id: str) -> int:
     [(amount,)] = await f.fetch(
         pool,
         "SELECT amount FROM reservations WHERE tenant_id = %s AND reservation_id = %s",
@@ -283,10 +284,10 @@ async def test_random_interleavings_keep_the_books_exact(
     pool: Pool, plan_groups: list[list[Op]], credits: int
 ) -> None:
     clock = FrozenClock(START)
-    engine = QuotaEngine(pool, clock, QuotaRules(acquire_timeout_s=30))
+    engine = f.engine(pool, clock, QuotaRules(), acquire_timeout_s=30)
     plan = await setup_plan(pool)
     tenant = await f.tenant(pool, START, f"prop-t-{next(_run_ids)}", plan, credits_micros=credits)
-    runner = Runner(engine, clock, tenant)
+    runner = Runner(pool, engine, clock, tenant)
     for group in plan_groups:
         work: list[Awaitable[None]] = [runner.run(op) for op in group]
         await asyncio.gather(*work)

@@ -12,11 +12,11 @@ from alembic.runtime.migration import MigrationContext
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import create_engine
 
-from billing_core.catalog import quota
+from billing_core.billing.model import quota
 from billing_core.db.migrate import current_revision, head_revision
 from billing_core.db.models import APPEND_ONLY_TABLES, Base
 from billing_core.db.urls import sqlalchemy_url
-from billing_core.limits import SubscriptionStatus
+from billing_core.rules.limits import SubscriptionStatus
 from tests import factories as f
 
 NOW = datetime(2026, 3, 10, tzinfo=UTC)

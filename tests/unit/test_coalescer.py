@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billing_core.errors import QuotaError
-from billing_core.limits import Reason
-from billing_core.quota_batch import Result
-from billing_core.quota_engine import QuotaEngine
-from billing_core.usage import ConsumeRequest, Decision
+from billing_core.quota.answers import Decision, Result
+from billing_core.quota.engine import QuotaEngine
+from billing_core.quota.requests import ConsumeRequest
+from billing_core.rules.limits import Reason
 from quota_service.coalescer import Coalescer
 
 
@@ -28,7 +28,7 @@ class _Recorder:
         self,
         reqs: Sequence[ConsumeRequest],
         *,
-        overflow: bool = False,
+        shared: bool = False,
         answer: Callable[[int, Result], None] | None = None,
     ) -> list[Decision | QuotaError]:
         self.batches.append([r.request_id for r in reqs])
@@ -120,10 +120,10 @@ class _Staller(_Recorder):
         self,
         reqs: Sequence[ConsumeRequest],
         *,
-        overflow: bool = False,
+        shared: bool = False,
         answer: Callable[[int, Result], None] | None = None,
     ) -> list[Decision | QuotaError]:
-        self.overflows.append(overflow)
+        self.overflows.append(shared)
         if any(r.tenant_id == "stuck" for r in reqs):
             self.batches.append([r.request_id for r in reqs])
             if self.rescue and answer is not None:
@@ -213,7 +213,7 @@ class _Sleeper(_Recorder):
         self,
         reqs: Sequence[ConsumeRequest],
         *,
-        overflow: bool = False,
+        shared: bool = False,
         answer: Callable[[int, Result], None] | None = None,
     ) -> list[Decision | QuotaError]:
         tenants = {r.tenant_id for r in reqs}

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from billing_core.explain import explain_subscription
-from billing_core.limits import SubscriptionStatus as S
+from billing_core.rules.explain import explain_subscription
+from billing_core.rules.limits import SubscriptionStatus as S
 
 NOW = datetime(2026, 3, 10, 12, tzinfo=UTC)
 LATER = NOW + timedelta(days=5)

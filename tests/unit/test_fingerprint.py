@@ -11,8 +11,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing_core.pricing import TokenUsage
-from billing_core.usage import ConsumeRequest
+from billing_core.quota.requests import ConsumeRequest
+from billing_core.rules.pricing import TokenUsage
 
 TEXT = st.text(max_size=12)
 COUNTS = st.integers(min_value=0, max_value=2**62)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from billing_core.limits import (
+from billing_core.rules.limits import (
     Access,
     Quota,
     Reason,
@@ -20,8 +20,8 @@ from billing_core.limits import (
     denial_message,
     window_state,
 )
-from billing_core.periods import EPOCH, Window
-from billing_core.resources import Overage, Period
+from billing_core.rules.periods import EPOCH, Window
+from billing_core.rules.resources import Overage, Period
 
 NOW = datetime(2026, 3, 10, 12, tzinfo=UTC)
 GRACE = timedelta(days=3)

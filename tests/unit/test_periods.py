@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from billing_core.errors import InvalidRequest
-from billing_core.periods import EPOCH, add_months, tenant_zone, window_for
-from billing_core.resources import Period
+from billing_core.rules.periods import EPOCH, add_months, tenant_zone, window_for
+from billing_core.rules.resources import Period
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:

@@ -1,0 +1,93 @@
+"""The sidecar's Prometheus metrics: decisions, latency, batch sizes and sweeps counted on
+the way; the engine's and the coalescer's own counts read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from billing_core.quota.engine import QuotaEngine
+from quota_service.coalescer import Coalescer
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "quota_decisions",
+            "CheckAndConsume and Reserve decisions by reason and resource",
+            ["method", "reason", "resource"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "quota_rpc_duration_seconds",
+            "Server-side latency of quota RPCs",
+            ["method", "code"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "quota_coalesced_batch_size",
+            "Requests decided together in one transaction by the coalescer",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=registry,
+        )
+        self.swept = Counter(
+            "quota_swept",
+            "Rows the background sweep cleared: expired reservations released, grants past"
+            " their expiry expired, expired idempotency keys deleted",
+            ["kind"],
+            registry=registry,
+        )
+        # labelled children, looked up once per label set rather than on every call
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def decided(self, method: str, reason: str, resource: str) -> None:
+        self._child(self.decisions, method, reason, resource).inc()
+
+    def timed(self, method: str, code: str, seconds: float) -> None:
+        self._child(self.latency, method, code).observe(seconds)
+
+
+class EngineCollector(Collector):
+    """Counts kept by the engine and the coalescer, read at scrape time (nothing added to
+    the request path)."""
+
+    def __init__(self, engine: QuotaEngine, coalescer: Coalescer | None = None) -> None:
+        self._engine = engine
+        self._coalescer = coalescer
+
+    def collect(self) -> Iterator[Metric]:
+        fallbacks = CounterMetricFamily(
+            "quota_batch_fallbacks",
+            "Coalesced batches decided again one request per transaction: a request_id"
+            " taken meanwhile (race), a row lock held elsewhere past the batch's lock timeout"
+            " (locked), the database refused the batch (refused), a bug (failed)",
+            labels=["reason"],
+        )
+        for reason, count in self._engine.stats.fallbacks.items():
+            fallbacks.add_metric([reason], count)
+        yield fallbacks
+        yield CounterMetricFamily(
+            "quota_db_connections_lost",
+            "Transactions run again on another connection because theirs had died"
+            " (a terminated backend, a restart, a proxy's timeout)",
+            value=self._engine.connections_lost,
+        )
+        if self._coalescer is not None:
+            yield CounterMetricFamily(
+                "quota_batch_stalled",
+                "Coalesced batches that ran past QUOTA_COALESCE_STALL_MS, waiting on a row lock"
+                " held elsewhere; their lane went on without them",
+                value=self._coalescer.overtaken,
+            )
