@@ -22,10 +22,11 @@ install: $(STAMP) ## create .venv and install everything (done by the other targ
 run: $(STAMP) ## start PostgreSQL (embedded unless DATABASE_URL), the sidecar and the control plane
 	$(PY) scripts/run.py
 
-lint: $(STAMP) ## ruff (lint + format check), mypy --strict, buf lint and buf breaking
+lint: $(STAMP) ## ruff (lint + format check), mypy --strict, import-linter contracts, buf lint and buf breaking
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(PY_PACKAGES)
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/buf lint
 	@if git rev-parse --verify --quiet main >/dev/null; then $(VENV)/bin/buf breaking --against '.git#branch=main'; fi
 
@@ -33,10 +34,10 @@ fmt: $(STAMP) ## format and auto-fix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-proto: $(STAMP) ## regenerate generated/ from proto/
+proto: $(STAMP) ## regenerate the gRPC stubs (clients/python/src/quota) from proto/
 	$(PY) scripts/gen_proto.py
 
-check-generated: $(STAMP) ## fail when generated/ differs from a fresh generation
+check-generated: $(STAMP) ## fail when the committed stubs differ from a fresh generation
 	$(PY) scripts/gen_proto.py --check
 
 test: $(STAMP) lint check-generated ## all quality gates, then the whole test suite

@@ -1,11 +1,10 @@
-"""Generate the protobuf/gRPC stubs (with .pyi) from proto/ into generated/.
+"""Generate the protobuf/gRPC stubs (with .pyi) from proto/ into the client distribution,
+clients/python/src/quota: the one copy, which the sidecar imports through its dependency on
+the client and which the client ships on its own.
 
-The client distribution ships the same stubs: they are written a second time into
-clients/python/src/quota (a plain copy, so the client builds on its own anywhere).
-
-`python scripts/gen_proto.py` regenerates both (make proto);
-`python scripts/gen_proto.py --check` generates into a temporary directory and
-fails when either committed copy differs from it (make check-generated).
+`python scripts/gen_proto.py` regenerates them (make proto);
+`python scripts/gen_proto.py --check` generates into a temporary directory and fails when
+the committed stubs differ from it (make check-generated).
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-# Where the committed stubs live: the canonical tree and the client's copy of it.
-TARGETS = (ROOT / "generated", ROOT / "clients" / "python" / "src")
+# where the committed stubs live (a package `quota` beside the client's `quota_client`)
+TARGETS = (ROOT / "clients" / "python" / "src",)
 
 
 def generate(out_dir: Path) -> None:
@@ -97,7 +96,7 @@ def check() -> int:
     if problems:
         print("generated stubs are stale: run `make proto` and commit the result", file=sys.stderr)
         return 1
-    print("generated/ and the client's copy match proto/")
+    print("the stubs in clients/python/src/quota match proto/")
     return 0
 
 
