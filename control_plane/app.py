@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing_core.billing import subscriptions
@@ -151,9 +151,19 @@ class CountRequests:
 
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
-                matched = scope.get("route")
-                path = getattr(matched, "path", "unmatched")
-                self.counter.labels(path, str(message["status"])).inc()
+                self.counter.labels(_route_of(scope), str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, sending)
+
+
+def _route_of(scope: Scope) -> str:
+    """The route template that served the request; for one answered before routing (a 401
+    of the API key check), the template it was meant for."""
+    matched = scope.get("route")
+    if matched is not None:
+        return str(getattr(matched, "path", "unmatched"))
+    for candidate in scope["app"].router.routes:
+        if candidate.matches(scope)[0] is not Match.NONE:
+            return str(getattr(candidate, "path", "unmatched"))
+    return "unmatched"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from types import MappingProxyType
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from quota.v1 import quota_service_pb2 as pb
@@ -44,6 +46,7 @@ REASON_PB: dict[Reason, pb.Reason.ValueType] = {
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
 def _ts(at: datetime | None) -> Timestamp | None:
@@ -58,15 +61,19 @@ def _tokens(msg: pb.TokenUsage) -> TokenUsage:
     return TokenUsage(msg.provider, msg.model, msg.input_tokens, msg.output_tokens)
 
 
+def _labels(labels: Mapping[str, str]) -> Mapping[str, str]:
+    return dict(labels) if labels else _NO_LABELS
+
+
 def consume_request(msg: pb.CheckAndConsumeRequest) -> ConsumeRequest:
     return ConsumeRequest(
-        tenant_id=msg.tenant_id,
-        resource=msg.resource,
-        amount=msg.amount,
-        request_id=msg.request_id,
-        dry_run=msg.dry_run,
-        tokens=_tokens(msg.tokens) if msg.HasField("tokens") else None,
-        labels=dict(msg.labels),
+        msg.tenant_id,
+        msg.resource,
+        msg.amount,
+        msg.request_id,
+        msg.dry_run,
+        _tokens(msg.tokens) if msg.HasField("tokens") else None,
+        _labels(msg.labels),
     )
 
 
@@ -78,7 +85,7 @@ def reserve_request(msg: pb.ReserveRequest) -> ReserveRequest:
         request_id=msg.request_id,
         dry_run=msg.dry_run,
         tokens=_tokens(msg.tokens) if msg.HasField("tokens") else None,
-        labels=dict(msg.labels),
+        labels=_labels(msg.labels),
         ttl_seconds=msg.ttl_seconds or 300,
     )
 
@@ -89,7 +96,7 @@ def commit_request(msg: pb.CommitRequest) -> CommitRequest:
         reservation_id=msg.reservation_id,
         amount=msg.amount,
         tokens=_tokens(msg.tokens) if msg.HasField("tokens") else None,
-        labels=dict(msg.labels),
+        labels=_labels(msg.labels),
     )
 
 

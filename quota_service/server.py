@@ -167,6 +167,8 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
         settings.db_pool_size,
         batch_size=settings.coalesce_lanes if settings.coalesce_requests else 0,
         acquire_timeout_s=settings.db_acquire_timeout_ms / 1000,
+        quota_only=True,
+        batch_lock_timeout_ms=settings.batch_lock_timeout_ms,
     )
     engine = QuotaEngine(
         database.quota_store,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -10,20 +11,27 @@ from psycopg_pool import AsyncConnectionPool
 from billing_core.db.urls import libpq_url
 
 
-async def _configure(conn: AsyncConnection[Any]) -> None:
-    # Explicit `conn.transaction()` blocks everywhere; nothing runs in an implicit one.
-    await conn.set_autocommit(True)
-
-
 async def open_pool(
-    database_url: str, size: int, *, timeout_s: float = 10.0
+    database_url: str,
+    size: int,
+    *,
+    timeout_s: float = 10.0,
+    session: Mapping[str, str] | None = None,
 ) -> AsyncConnectionPool[Any]:
+    """`session`: settings every connection of the pool makes once, for its whole life."""
+
+    async def configure(conn: AsyncConnection[Any]) -> None:
+        # explicit transactions everywhere; nothing runs in an implicit one
+        await conn.set_autocommit(True)
+        for name, value in (session or {}).items():
+            await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         libpq_url(database_url),
         min_size=size,
         max_size=size,
         open=False,
-        configure=_configure,
+        configure=configure,
         timeout=timeout_s,
         reconnect_timeout=3600.0,
         kwargs={"application_name": "billing-platform"},

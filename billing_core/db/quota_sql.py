@@ -34,6 +34,8 @@ TRANSACTION_SETTINGS = Statement(
     " set_config('plan_cache_mode', 'force_generic_plan', true),"
     " set_config('lock_timeout', %(lock_timeout)s, true)"
 )
+# the same for a whole session, on connections that serve the quota engine only (the sidecar's)
+PLAN_SETTINGS = {"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan"}
 
 
 def text_array(values: Iterable[str]) -> str:
@@ -157,14 +159,6 @@ _KEYS_PART = """
                     WHERE k.tenant_id = u.t AND k.request_id = u.r LIMIT 1) k)"""
 
 
-@cache
-def reads(prices: bool, keys: bool) -> Statement:
-    """The contexts, and the prices and request_ids when asked (a part a transaction does
-    not need is left out: each combination is its own prepared statement)."""
-    parts = (_CONTEXTS_PART, _PRICES_PART if prices else "'[]'", _KEYS_PART if keys else "'[]'")
-    return Statement("SELECT" + ",".join(parts))
-
-
 # --- reservations ---------------------------------------------------------------------------
 
 _RESERVATION_JSON = """
@@ -245,17 +239,37 @@ _LOCKED_WALLETS = """
       FROM grants"""
 
 
-@cache
-def _locks(counters: bool, wallets: bool) -> Statement:
+def _locked_part(counters: bool, wallets: bool) -> tuple[list[str], str]:
+    """The CTEs that lock, and the JSON text of what they locked."""
     ctes = [c for c, wanted in ((_LOCK_COUNTERS, counters), (_LOCK_WALLETS, wallets)) if wanted]
     rows = [r for r, wanted in ((_LOCKED_COUNTERS, counters), (_LOCKED_WALLETS, wallets)) if wanted]
-    return Statement(f"""
-WITH {", ".join(ctes)}
-SELECT coalesce(json_agg(json_build_array(kind, tenant_id, name, period, at, n1, n2, created)
-                         ORDER BY kind, tenant_id, at NULLS LAST, created_at, name), '[]')::text
-FROM ({" UNION ALL ".join(rows)}
-) l(kind, tenant_id, name, period, at, n1, n2, created, created_at)
-""")
+    return (
+        ctes,
+        f"""
+  (SELECT coalesce(json_agg(json_build_array(kind, tenant_id, name, period, at, n1, n2, created)
+                            ORDER BY kind, tenant_id, at NULLS LAST, created_at, name), '[]')::text
+     FROM ({" UNION ALL ".join(rows)}
+     ) l(kind, tenant_id, name, period, at, n1, n2, created, created_at))""",
+    )
+
+
+@cache
+def _locks(counters: bool, wallets: bool) -> Statement:
+    ctes, locked = _locked_part(counters, wallets)
+    return Statement(f"WITH {', '.join(ctes)}\nSELECT{locked}")
+
+
+@cache
+def reads(prices: bool, keys: bool, counters: bool = False, wallets: bool = False) -> Statement:
+    """The contexts, the prices and request_ids when asked, and the rows locked when asked
+    (a part a transaction does not need is left out: each combination is its own prepared
+    statement). The reads see the snapshot taken before any lock was waited for, as they
+    would in a statement of their own sent first."""
+    parts = [_CONTEXTS_PART, _PRICES_PART if prices else "'[]'", _KEYS_PART if keys else "'[]'"]
+    if not counters and not wallets:
+        return Statement("SELECT" + ",".join(parts))
+    ctes, locked = _locked_part(counters, wallets)
+    return Statement(f"WITH {', '.join(ctes)}\nSELECT" + ",".join([*parts, locked]))
 
 
 def _order(key: TenantKey) -> tuple[str, str, int, datetime]:
@@ -275,7 +289,13 @@ def locks(
 ) -> tuple[Statement, dict[str, str]]:
     """The statement and parameters that lock these counter rows (in the lock order) and
     these tenants' wallets with their grants."""
-    return _locks(bool(counters), bool(wallets)), {
+    return _locks(bool(counters), bool(wallets)), lock_parameters(counters, wallets, now)
+
+
+def lock_parameters(
+    counters: Sequence[TenantKey], wallets: Sequence[str], now: datetime
+) -> dict[str, str]:
+    return {
         "counters": _keys_json(sorted(set(counters), key=_order)),
         "wallets": text_array(sorted(set(wallets))),
         "now": now.isoformat(),

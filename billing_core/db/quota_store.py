@@ -33,6 +33,7 @@ from billing_core.db.quota_sql import (
     TRANSACTION_SETTINGS,
     context_from_row,
     lapsed_reservations,
+    lock_parameters,
     locks,
     offers_from_json,
     reads,
@@ -96,29 +97,36 @@ class PgQuotaSession:
         models: Sequence[tuple[str, str]],
         keys: Sequence[tuple[str, str]],
         now: datetime,
+        *,
+        lock_counters: Sequence[TenantKey] = (),
+        lock_wallets: Sequence[str] = (),
     ) -> Pending[Reads]:
-        slot = self._wire.send(
-            reads(bool(models), bool(keys)),
-            {
-                "tenants": text_array(tenant_ids),
-                "resources": None if resources is None else text_array(resources),
-                "now": now.isoformat(),
-                "providers": text_array(m[0] for m in models),
-                "models": text_array(m[1] for m in models),
-                "key_tenants": text_array(k[0] for k in keys),
-                "key_ids": text_array(k[1] for k in keys),
-            },
-        )
+        locking = bool(lock_counters or lock_wallets)
+        values = {
+            "tenants": text_array(tenant_ids),
+            "resources": None if resources is None else text_array(resources),
+            "now": now.isoformat(),
+            "providers": text_array(m[0] for m in models),
+            "models": text_array(m[1] for m in models),
+            "key_tenants": text_array(k[0] for k in keys),
+            "key_ids": text_array(k[1] for k in keys),
+        }
+        if locking:
+            values |= lock_parameters(lock_counters, lock_wallets, now)
+        statement = reads(bool(models), bool(keys), bool(lock_counters), bool(lock_wallets))
+        slot = self._wire.send(statement, values)
 
         async def result() -> Reads:
             answer = await self._wire.result(slot)
             contexts, prices, taken = (
                 orjson.loads(answer.get_value(0, i) or b"") for i in range(3)
             )
+            locked = _locked(answer.get_value(0, 3)) if locking else Locked({}, {}, {})
             return Reads(
                 {c[0]: context_from_row(c) for c in contexts},
                 {(p[0], p[1]): ModelPrice(p[0], p[1], timestamp(p[2]), p[3], p[4]) for p in prices},
                 {(k[0], k[1]): StoredKey(k[2], k[3], k[4]) for k in taken if k[5]},
+                locked,
             )
 
         return result
@@ -148,17 +156,7 @@ class PgQuotaSession:
         slot = self._wire.send(statement, values)
 
         async def result() -> Locked:
-            locked = Locked({}, {}, {})
-            for kind, t, name, period, at, n1, n2, created in orjson.loads(
-                await self._wire.value(slot) or b""
-            ):
-                if kind == "c":
-                    locked.counters[(t, name, Period(period), timestamp(at))] = (n1, n2, created)
-                elif kind == "w":
-                    locked.wallets[t] = (n1, n2)
-                else:
-                    locked.grants.setdefault(t, []).append(LiveGrant(name, n1, timestamp(at)))
-            return locked
+            return _locked(await self._wire.value(slot))
 
         return result
 
@@ -207,6 +205,19 @@ class PgQuotaSession:
         return result
 
 
+def _locked(text: bytes | None) -> Locked:
+    """What a lock statement (or the lock part of a read) answers."""
+    locked = Locked({}, {}, {})
+    for kind, t, name, period, at, n1, n2, created in orjson.loads(text or b""):
+        if kind == "c":
+            locked.counters[(t, name, Period(period), timestamp(at))] = (n1, n2, created)
+        elif kind == "w":
+            locked.wallets[t] = (n1, n2)
+        else:
+            locked.grants.setdefault(t, []).append(LiveGrant(name, n1, timestamp(at)))
+    return locked
+
+
 def _reservation(row: list[Any]) -> Reservation:
     rid, request_id, resource, amount, windows, held, status, expires_at, response = row
     return Reservation(
@@ -227,7 +238,11 @@ def _reservation(row: list[Any]) -> Reservation:
 
 class PgQuotaStore:
     """QuotaStore over a shared pool and, for the coalescing lanes, a pool of their own:
-    a lane that keeps to one backend finds its statements prepared and its caches warm."""
+    a lane that keeps to one backend finds its statements prepared and its caches warm.
+
+    `session_lock_timeouts`: when the pools' connections serve the quota engine only and
+    were opened with PLAN_SETTINGS and these lock timeouts (shared pool, batch pool), a
+    transaction that wants those sends no settings of its own."""
 
     def __init__(
         self,
@@ -235,15 +250,22 @@ class PgQuotaStore:
         *,
         batch_pool: AsyncConnectionPool[Any] | None = None,
         acquire_timeout_s: float = 2.0,
+        session_lock_timeouts: tuple[int, int] | None = None,
     ) -> None:
         self._pool = pool
         self._batch_pool = batch_pool or pool
         self._acquire_timeout_s = acquire_timeout_s
+        self._session_lock_timeouts = session_lock_timeouts
         self.connections_lost = 0
 
     async def run(self, work: Work[T], *, lock_timeout_ms: int = 0, shared: bool = True) -> T:
         pool = self._pool if shared else self._batch_pool
-        settings = {"lock_timeout": str(lock_timeout_ms)}
+        preset = self._session_lock_timeouts
+        settings = (
+            None
+            if preset is not None and preset[0 if shared else 1] == lock_timeout_ms
+            else {"lock_timeout": str(lock_timeout_ms)}
+        )
 
         async def attempt() -> T:
             async with (
@@ -251,7 +273,8 @@ class PgQuotaStore:
                 Wire.open(conn) as wire,
             ):
                 wire.send(BEGIN)
-                wire.send(TRANSACTION_SETTINGS, settings)
+                if settings is not None:
+                    wire.send(TRANSACTION_SETTINGS, settings)
                 answers = await work(PgQuotaSession(wire))
                 wire.send(COMMIT)  # with the writes: one round trip
                 await wire.sync()

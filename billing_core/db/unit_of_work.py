@@ -23,6 +23,7 @@ from billing_core.db.http_keys import HttpKeyRepository
 from billing_core.db.plans import PlanRepository
 from billing_core.db.pool import open_pool, ping
 from billing_core.db.prices import PriceRepository
+from billing_core.db.quota_sql import PLAN_SETTINGS
 from billing_core.db.quota_store import PgQuotaStore
 from billing_core.db.tenants import TenantRepository
 from billing_core.db.usage import UsageRepository
@@ -55,22 +56,47 @@ class Database:
         *,
         batch_pool: AsyncConnectionPool[Any] | None = None,
         acquire_timeout_s: float = 2.0,
+        session_lock_timeouts: tuple[int, int] | None = None,
     ) -> None:
         self.pool = pool
         self.batch_pool = batch_pool
         self._acquire_timeout_s = acquire_timeout_s
         self.quota_store = PgQuotaStore(
-            pool, batch_pool=batch_pool, acquire_timeout_s=acquire_timeout_s
+            pool,
+            batch_pool=batch_pool,
+            acquire_timeout_s=acquire_timeout_s,
+            session_lock_timeouts=session_lock_timeouts,
         )
 
     @classmethod
     async def open(
-        cls, url: str, size: int, *, batch_size: int = 0, acquire_timeout_s: float = 2.0
+        cls,
+        url: str,
+        size: int,
+        *,
+        batch_size: int = 0,
+        acquire_timeout_s: float = 2.0,
+        quota_only: bool = False,
+        batch_lock_timeout_ms: int = 0,
     ) -> Database:
-        """Open the pools (`batch_size` connections kept for batches, when > 0)."""
-        pool = await open_pool(url, size)
-        batch_pool = await open_pool(url, batch_size) if batch_size > 0 else None
-        return cls(pool, batch_pool=batch_pool, acquire_timeout_s=acquire_timeout_s)
+        """Open the pools (`batch_size` connections kept for batches, when > 0).
+        `quota_only`: the connections serve the quota engine alone (the sidecar), so its
+        plan settings, and the batches' lock timeout, are made once per connection."""
+        if not quota_only:
+            pool = await open_pool(url, size)
+            batch_pool = await open_pool(url, batch_size) if batch_size > 0 else None
+            return cls(pool, batch_pool=batch_pool, acquire_timeout_s=acquire_timeout_s)
+        batch_session = {**PLAN_SETTINGS, "lock_timeout": str(batch_lock_timeout_ms)}
+        pool = await open_pool(url, size, session={**PLAN_SETTINGS, "lock_timeout": "0"})
+        batch_pool = (
+            await open_pool(url, batch_size, session=batch_session) if batch_size > 0 else None
+        )
+        return cls(
+            pool,
+            batch_pool=batch_pool,
+            acquire_timeout_s=acquire_timeout_s,
+            session_lock_timeouts=(0, batch_lock_timeout_ms),
+        )
 
     @asynccontextmanager
     async def transaction(self, *, timeout_s: float = 5.0) -> AsyncIterator[UnitOfWork]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from billing_core.errors import QuotaError
@@ -30,10 +31,10 @@ class WindowView:
             "limit": self.limit,
             "used": self.used,
             "remaining": self.remaining,
-            "resets_at": None if self.resets_at is None else self.resets_at.isoformat(),
+            "resets_at": None if self.resets_at is None else _iso(self.resets_at),
             "state": self.state.value,
             "unlimited": self.unlimited,
-            "window_start": None if self.window_start is None else self.window_start.isoformat(),
+            "window_start": None if self.window_start is None else _iso(self.window_start),
         }
 
     @classmethod
@@ -48,6 +49,10 @@ class WindowView:
             unlimited=data["unlimited"],
             window_start=_dt(data.get("window_start")),
         )
+
+
+# a window's bounds, written into every answer stored for a replay: the same few instants
+_iso = lru_cache(maxsize=4096)(datetime.isoformat)
 
 
 def _dt(value: str | None) -> datetime | None:

@@ -3,9 +3,10 @@ the state the requests need, decide them in order with the core (core.py), write
 changed.
 
 Round trips, each carrying every statement queued before it:
-1. lock the reservations the batch commits or releases; read the tenants' contexts, the
-   model prices and the request_ids already taken; create-if-missing and lock the counter
-   rows, wallets and grants the ShapeMemo predicts (what each tenant looked like last time);
+1. lock the reservations the batch commits or releases; then one statement reads the
+   tenants' contexts, the model prices and the request_ids already taken, and
+   creates-if-missing and locks the counter rows, wallets and grants the ShapeMemo predicts
+   (what each tenant looked like last time);
 2. only for tenants with reservations past their expiry: those reservations;
 3. only when the prediction missed (a tenant seen for the first time, a changed plan): the
    rest of the rows — a stale prediction costs a round trip, never correctness;
@@ -28,7 +29,7 @@ from billing_core.quota.answers import Decision, Result, Tidied
 from billing_core.quota.core import Held, Rules, SharedWindows, TenantState
 from billing_core.quota.model import SETTLED, Changes, PlanOffer, Reservation, TenantContext
 from billing_core.quota.model import TenantKey as Key
-from billing_core.quota.ports import Locked, Pending, QuotaSession
+from billing_core.quota.ports import Pending, QuotaSession
 from billing_core.quota.requests import (
     CommitRequest,
     ConsumeRequest,
@@ -133,11 +134,13 @@ async def decide_batch(
     predicted_keys, predicted_wallets = _rows_to_lock(
         reqs, predicted, predicted_held, now, shared, tidying=()
     )
-    reads_p = session.read(sorted({r.tenant_id for r in reqs}), resources, models, keys, now)
-    locks_p = session.lock(predicted_keys, predicted_wallets, now) if predicted else None
+    reads_p = session.read(
+        sorted({r.tenant_id for r in reqs}), resources, models, keys, now,
+        lock_counters=predicted_keys, lock_wallets=predicted_wallets,
+    )  # fmt: skip
     held = await reservations_p() if reservations_p else {}
     reads = await reads_p()
-    locked = await locks_p() if locks_p else Locked({}, {}, {})
+    locked = reads.locked
 
     remembered = sorted({*asked, *(r.resource for r in held.values())})
     for ctx in reads.contexts.values():

@@ -218,14 +218,16 @@ def admit(
         balance = state.wallet[0] - (charge if ttl is None else 0)  # a hold debits nothing
     else:
         balance = state.live_micros()
-    decision = outcomes.allowed(
-        ctx, quotas, windows, counts, req, price, wallet_balance_micros=balance
-    )
     if ttl is None:
-        decision = replace(decision, usage_record_id=new_id("ur", now))
+        decision = outcomes.allowed(
+            ctx, quotas, windows, counts, req, price, wallet_balance_micros=balance,
+            usage_record_id=new_id("ur", now),
+        )  # fmt: skip
     else:
-        expires_at = now + timedelta(seconds=ttl)
-        decision = replace(decision, reservation_id=new_id("rsv", now), expires_at=expires_at)
+        decision = outcomes.allowed(
+            ctx, quotas, windows, counts, req, price, wallet_balance_micros=balance,
+            reservation_id=new_id("rsv", now), expires_at=now + timedelta(seconds=ttl),
+        )  # fmt: skip
     _count(state, req, quotas, windows, price, charge, decision, fingerprint, now, changes)
     return decision
 

@@ -27,6 +27,7 @@ from billing_core.rules.pricing import TokenUsage
 from billing_core.rules.resources import Overage
 
 K = TypeVar("K")
+_ALLOWED = Verdict(True, Reason.ALLOWED)
 Notification = tuple[str, str, str, dict[str, Any]]  # kind, dedupe_key, message, details
 
 
@@ -137,9 +138,11 @@ def allowed(
     *,
     wallet_balance_micros: int | None = None,
     usage_record_id: str = "",
+    reservation_id: str = "",
+    expires_at: datetime | None = None,
 ) -> Decision:
     """The allowed decision: windows as they are after the request takes effect; the
-    balance after its charge and its record when they are known already."""
+    balance after its charge, and its record or reservation, when they are known."""
     return _decision(
         ctx,
         quotas,
@@ -147,9 +150,11 @@ def allowed(
         counts,
         req,
         cost,
-        Verdict(True, Reason.ALLOWED),
+        _ALLOWED,
         wallet_balance_micros=wallet_balance_micros,
         usage_record_id=usage_record_id,
+        reservation_id=reservation_id,
+        expires_at=expires_at,
     )
 
 
@@ -190,6 +195,8 @@ def _decision(
     upgrade_plan_id: str = "",
     wallet_balance_micros: int | None = None,
     usage_record_id: str = "",
+    reservation_id: str = "",
+    expires_at: datetime | None = None,
 ) -> Decision:
     added = req.amount if verdict.allowed else 0  # a denial changes nothing
     return Decision(
@@ -203,6 +210,8 @@ def _decision(
         usage_record_id=usage_record_id,
         message=message,
         upgrade_plan_id=upgrade_plan_id,
+        reservation_id=reservation_id,
+        expires_at=expires_at,
     )
 
 

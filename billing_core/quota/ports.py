@@ -32,19 +32,20 @@ Work = Callable[["QuotaSession"], Awaitable[Pending[T]]]
 
 
 @dataclass(slots=True)
-class Reads:
-    contexts: dict[str, TenantContext]  # of the tenants that exist
-    prices: dict[tuple[str, str], ModelPrice]  # in effect, of the models that have one
-    taken: dict[tuple[str, str], StoredKey]  # live request_ids among the asked ones
-
-
-@dataclass(slots=True)
 class Locked:
     counters: dict[TenantKey, tuple[int, int, bool]]  # used, reserved, created just now
     wallets: dict[str, tuple[int, int]]  # balance, held — of the wallets that exist
     # grants that still count (live ones, and those past their expiry not yet expired), in
     # the order they pay (rules/wallet.py)
     grants: dict[str, list[LiveGrant]]
+
+
+@dataclass(slots=True)
+class Reads:
+    contexts: dict[str, TenantContext]  # of the tenants that exist
+    prices: dict[tuple[str, str], ModelPrice]  # in effect, of the models that have one
+    taken: dict[tuple[str, str], StoredKey]  # live request_ids among the asked ones
+    locked: Locked  # the rows locked with the reads, when asked
 
 
 class BatchAborted(Exception):
@@ -73,9 +74,14 @@ class QuotaSession(Protocol):
         models: Sequence[tuple[str, str]],
         keys: Sequence[tuple[str, str]],
         now: datetime,
+        *,
+        lock_counters: Sequence[TenantKey] = (),
+        lock_wallets: Sequence[str] = (),
     ) -> Pending[Reads]:
         """The tenants' contexts (quotas of `resources`; None: of every resource), the price
-        in effect of each (provider, model), and which (tenant_id, request_id) are live."""
+        in effect of each (provider, model), which (tenant_id, request_id) are live — and,
+        in the same statement, what lock() would lock for `lock_counters` and
+        `lock_wallets` (the reads see the snapshot taken before any lock was waited for)."""
         ...
 
     def lapsed_reservations(

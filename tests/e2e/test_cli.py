@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import UTC, datetime, timedelta
 
 from billing_core.billing.api_keys import verify_api_key
+from billing_core.billing.model import quota
 from billing_core.db.unit_of_work import Database
+from billing_core.rules.limits import SubscriptionStatus
+from tests import factories as f
 
 
 async def cli(database_url: str, *args: str) -> tuple[int, str, str]:
@@ -32,7 +36,7 @@ async def test_help_lists_every_command(scratch_database: str) -> None:
         assert command in out
 
 
-async def test_seed_list_key_and_expire(scratch_database: str) -> None:
+async def test_seed_list_key_and_expire_each_change_audited(scratch_database: str) -> None:
     database_url = scratch_database
     code, out, _ = await cli(database_url, "seed-demo")
     assert code == 0 and out.strip() in {"seeded", "already seeded"}
@@ -48,9 +52,27 @@ async def test_seed_list_key_and_expire(scratch_database: str) -> None:
     try:
         async with db.transaction() as uow:
             assert await verify_api_key(uow, key) is not None
+        # a card-less trial that ended yesterday, beside the seed's running one
+        ended = datetime.now(UTC) - timedelta(days=15)
+        plan = await f.plan(db.pool, ended, "cli", [quota("messages", "daily", 10)])
+        await f.tenant(
+            db.pool, ended, "cli-trial", plan, status=SubscriptionStatus.TRIALING,
+            trial_end=ended + timedelta(days=14),
+        )  # fmt: skip
+        code, out, _ = await cli(database_url, "expire-trials")
+        assert code == 0 and out.strip() == "expired 1 trial(s)"
+        code, out, _ = await cli(database_url, "expire-trials")
+        assert out.strip() == "expired 0 trial(s)"
+        audit = await f.fetch(
+            db.pool,
+            "SELECT actor, action, entity_id, after ->> 'status', after ->> 'prefix'"
+            " FROM audit_log WHERE actor = 'cli' ORDER BY audit_id",
+        )
     finally:
         await db.close()
-    code, out, _ = await cli(database_url, "expire-trials")
-    assert code == 0 and out.startswith("expired ")
+    assert audit == [
+        ("cli", "api_key.create", audit[0][2], None, key[:12]),
+        ("cli", "subscription.trial_expired", "cli-trial", "trial_expired", None),
+    ]
     code, _, err = await cli(database_url, "no-such-command")
     assert code == 2 and "invalid choice" in err
