@@ -51,7 +51,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     async with grpc.aio.insecure_channel(args.target) as channel:
         stub = pb_grpc.QuotaServiceStub(channel)
 
-        async def one() -> None:
+        async def call() -> None:
             nonlocal errors
             n = next(counter)
             tenant, request_id = tenants[n % len(tenants)], f"{prefix}-{n}"
@@ -86,7 +86,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
 
         async def worker(deadline: float) -> None:
             while time.perf_counter() < deadline:
-                await one()
+                await call()
 
         warm = time.perf_counter() + args.warmup
         await asyncio.gather(*(worker(warm) for _ in range(args.in_flight)))

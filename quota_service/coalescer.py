@@ -1,18 +1,6 @@
 """Request coalescing: concurrent CheckAndConsume, Reserve, Commit, Release and Free calls
-share one transaction (QuotaEngine.run_batch), decided exactly as they would be one by one.
-
-Requests go to a lane chosen by tenant, so one tenant's requests are decided in arrival
-order. A lane takes whatever queued while its previous batch ran. A request at an idle lane
-whose previous batch was a single request is decided at once; under load the lane waits,
-at most `gather_s`, until as many requests as last time have queued (twice as many when a
-backlog that size was already waiting), so batches do not shrink because the database
-answered quickly.
-
-A batch that runs longer than `stall_s` (waiting on a row lock held elsewhere) does not hold
-up its lane: the lane goes on beside it, on the shared pool, without the stalled batch's
-tenants, whose requests wait to keep their order. Tenants the stalled batch answers early
-(decided one per transaction after its lock timeout) are released at once.
-"""
+share one transaction (QuotaEngine.run_batch), each tenant's in arrival order; a batch that
+waits on a lock held elsewhere does not hold up the other tenants."""
 
 from __future__ import annotations
 
@@ -59,6 +47,16 @@ def _resolve(future: asyncio.Future[None] | None) -> None:
 
 @dataclass
 class Coalescer:
+    """Requests go to a lane chosen by tenant. A lane takes whatever queued while its
+    previous batch ran; a request at an idle lane whose previous batch was a single request
+    is decided at once. Under load the lane waits, at most `gather_s`, until as many
+    requests as last time have queued (twice as many when a backlog that size was already
+    waiting), so batches do not shrink because the database answered quickly.
+    A batch running longer than `stall_s` (a row lock held elsewhere) does not hold up its
+    lane: the lane goes on beside it, on the shared pool, without the stalled batch's
+    tenants, whose requests wait to keep their order; tenants the stalled batch answers
+    early (one request per transaction after its lock timeout) are released at once."""
+
     engine: QuotaEngine
     lanes: int = 8
     max_batch: int = 128

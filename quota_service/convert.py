@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import lru_cache
 from types import MappingProxyType
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -49,6 +50,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
+@lru_cache(maxsize=4096)  # a window's reset instant recurs in every answer until it passes
 def _ts(at: datetime | None) -> Timestamp | None:
     """Exact, like Timestamp.FromDatetime (a naive datetime is UTC), at half its cost."""
     if at is None:

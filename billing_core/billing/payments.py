@@ -10,7 +10,12 @@ from billing_core.billing import audit
 from billing_core.billing.model import PlanView, SubscriptionView
 from billing_core.billing.plans import get_plan, require_open
 from billing_core.billing.provider import BillingAdapter, SessionLink
-from billing_core.billing.subscriptions import LIVE, apply_provider_subscription, get_subscription
+from billing_core.billing.subscriptions import (
+    LIVE,
+    apply_provider_subscription,
+    get_subscription,
+    recorded_change,
+)
 from billing_core.billing.tenants import get_tenant
 from billing_core.db.unit_of_work import UnitOfWork
 from billing_core.errors import Conflict
@@ -147,9 +152,7 @@ async def change_plan(
             "(update the card in the billing portal and try again)"
         )
     await apply_provider_subscription(uow, tenant_id, changed, now)
-    after = await get_subscription(uow, tenant_id, now, grace)
-    await audit.record_tenant(uow, actor, "subscription.change", tenant_id, before, after, now)
-    return after
+    return await recorded_change(uow, actor, "subscription.change", before, now, grace)
 
 
 async def set_cancel_at_period_end(
@@ -168,7 +171,5 @@ async def set_cancel_at_period_end(
     before = await get_subscription(uow, tenant_id, now, grace)
     changed = await adapter.cancel_at_period_end(current[0], cancel)
     await apply_provider_subscription(uow, tenant_id, changed, now)
-    after = await get_subscription(uow, tenant_id, now, grace)
     action = "subscription.cancel" if cancel else "subscription.resume"
-    await audit.record_tenant(uow, actor, action, tenant_id, before, after, now)
-    return after
+    return await recorded_change(uow, actor, action, before, now, grace)

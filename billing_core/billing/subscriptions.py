@@ -118,8 +118,20 @@ async def subscribe(
         uow, tenant_id, plan_id, now, status=status, trial_end=trial_end, anchor=anchor,
         past_due_since=past_due_since,
     )  # fmt: skip
-    after = await get_subscription(uow, tenant_id, now, grace)
-    await audit.record_tenant(uow, actor, "subscription.assign", tenant_id, before, after, now)
+    return await recorded_change(uow, actor, "subscription.assign", before, now, grace)
+
+
+async def recorded_change(
+    uow: UnitOfWork,
+    actor: str,
+    action: str,
+    before: SubscriptionView,
+    now: datetime,
+    grace: timedelta,
+) -> SubscriptionView:
+    """The subscription after a change, with the change's audit entry."""
+    after = await get_subscription(uow, before.tenant_id, now, grace)
+    await audit.record_tenant(uow, actor, action, before.tenant_id, before, after, now)
     return after
 
 
@@ -141,9 +153,7 @@ async def assign_plan(
             "free plans are assigned directly"
         )
     await _replace_current(uow, tenant_id, plan_id, now, status=SubscriptionStatus.ACTIVE)
-    after = await get_subscription(uow, tenant_id, now, grace)
-    await audit.record_tenant(uow, actor, "subscription.assign", tenant_id, before, after, now)
-    return after
+    return await recorded_change(uow, actor, "subscription.assign", before, now, grace)
 
 
 async def start_trial(
@@ -168,9 +178,7 @@ async def start_trial(
         uow, tenant_id, plan_id, now, status=SubscriptionStatus.TRIALING, trial_end=trial_end
     )
     await uow.tenants.mark_trial_used(tenant_id, now)
-    after = await get_subscription(uow, tenant_id, now, grace)
-    await audit.record_tenant(uow, actor, "subscription.trial", tenant_id, before, after, now)
-    return after
+    return await recorded_change(uow, actor, "subscription.trial", before, now, grace)
 
 
 async def apply_plan_grant(

@@ -1,13 +1,6 @@
-"""PostgreSQL for the quota engine: QuotaStore and QuotaSession (billing_core/quota/ports.py).
-
-A transaction runs on one pooled connection through libpq's pipeline (db/wire.py): BEGIN
-and the transaction's settings go out with its first reads, its writes with its COMMIT.
-Statements cover every tenant of a batch at once, answer one row of JSON text (parsed by
-orjson), take text parameters typed by casts, and reach every row through an index.
-
-Lock order, the same everywhere, so concurrent transactions never deadlock: reservations →
-counter rows (by tenant, resource, period, window start) → wallet rows → grants.
-"""
+"""PostgreSQL for the quota engine: the QuotaStore and QuotaSession of
+billing_core/quota/ports.py, over libpq's pipeline (db/wire.py): BEGIN goes out with a
+transaction's first reads, its writes with its COMMIT."""
 
 from __future__ import annotations
 
@@ -52,6 +45,9 @@ from billing_core.rules.wallet import LiveGrant
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+# Lock order, the same in every transaction, so concurrent ones never deadlock:
+# reservations → counter rows (by tenant, resource, period, window start) → wallet rows →
+# grants.
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 _MAX_FORGOTTEN = 100  # more connections than any pool has
 _MAX_ABORTED = 5

@@ -1,27 +1,5 @@
-"""A coalesced batch's statements, straight through libpq's pipeline.
-
-psycopg's cursors cost a lone CheckAndConsume about half of its sidecar CPU: each
-statement is a cursor, an adaptation of its parameters and its own turn of the event
-loop to send it, and exiting psycopg's pipeline waits for one more Sync. A batch knows
-its statements in advance, so here they go through the connection's libpq pipeline
-directly: prepared once per connection, parameters as text, results as text (the batch's
-statements return JSON text), every statement queued so far sent in one write, one
-round trip per `result()` or `sync()` that needs the server's answer.
-
-    async with Wire.open(conn) as wire:  # pipeline mode; rolls back on an exception
-        wire.send(BEGIN)
-        slot = wire.send(READS, {"tenants": "{a,b}"})
-        row = await wire.value(slot)      # one round trip for all that is queued
-        ...
-        wire.send(COMMIT)
-        await wire.sync()                 # the COMMIT is durable
-    # the connection has left pipeline mode, with the transaction as the block left it
-
-A failed statement raises psycopg's own error class (SerializationFailure,
-DeadlockDetected, a RaiseException with its SQLSTATE …), so callers retry and branch as
-they do on psycopg's cursors; the statements queued behind it were skipped by the server
-and raise the same error.
-"""
+"""A transaction's statements straight through libpq's pipeline: prepared once per
+connection, parameters as text, and one round trip for everything queued (see Wire)."""
 
 from __future__ import annotations
 
@@ -88,7 +66,20 @@ _SYNC = -1  # in the queue of awaited answers: the Sync's
 
 
 class Wire:
-    """One connection in libpq pipeline mode, for the duration of a batch."""
+    """One connection in libpq pipeline mode, for the duration of a transaction. psycopg's
+    cursors would cost a statement each its own adaptation, turn of the event loop and
+    Sync; a transaction that knows its statements can send them all at once:
+
+        async with Wire.open(conn) as wire:  # pipeline mode; rolls back on an exception
+            wire.send(BEGIN)
+            slot = wire.send(READS, {"tenants": "{a,b}"})
+            row = await wire.value(slot)      # one round trip for all that is queued
+            wire.send(COMMIT)
+            await wire.sync()                 # the COMMIT is durable
+
+    A failed statement raises psycopg's own error class (SerializationFailure, a
+    RaiseException with its SQLSTATE …); the statements queued behind it were skipped by
+    the server and raise the same error."""
 
     def __init__(self, conn: Conn) -> None:
         self._pg = conn.pgconn

@@ -1,21 +1,5 @@
 """One transaction of quota decisions, for a lone request or a coalesced batch alike: load
-the state the requests need, decide them in order with the core (core.py), write what
-changed.
-
-Round trips, each carrying every statement queued before it:
-1. lock the reservations the batch commits or releases; then one statement reads the
-   tenants' contexts, the model prices and the request_ids already taken, and
-   creates-if-missing and locks the counter rows, wallets and grants the ShapeMemo predicts
-   (what each tenant looked like last time);
-2. only for tenants with reservations past their expiry: those reservations;
-3. only when the prediction missed (a tenant seen for the first time, a changed plan): the
-   rest of the rows — a stale prediction costs a round trip, never correctness;
-4. the writes, the upgrade offers for denials and the COMMIT (sent by the store).
-
-Tenants the transaction writes for are tidied first (core.tidy: expired reservations
-released, grants past their expiry expired), so lazily expiring state is cleared by
-whichever transaction meets it.
-"""
+the state the requests need, decide them in order with the core, write what changed."""
 
 from __future__ import annotations
 
@@ -89,7 +73,15 @@ async def decide_batch(
     rules: Rules,
 ) -> Pending[list[Result]]:
     """Decide validated requests in order inside the session's transaction and queue their
-    writes; returns what fetches the answers once the transaction is committed."""
+    writes; returns what fetches the answers once the transaction is committed.
+
+    Round trips, each carrying every statement queued before it: (1) the reservations to
+    settle, locked; the contexts, prices and taken request_ids read, with the rows the
+    ShapeMemo predicts locked in the same statement; (2) only for tenants with reservations
+    past their expiry: those; (3) only when the prediction missed (a tenant seen for the
+    first time, a changed plan): the rest of the rows — a stale prediction costs a round
+    trip, never correctness; (4) the writes and the upgrade offers, with the store's
+    COMMIT. Tenants the transaction writes for are tidied first (core.tidy)."""
     admissions = [r for r in reqs if isinstance(r, ConsumeRequest)]
     asked = sorted({r.resource for r in reqs if isinstance(r, ConsumeRequest | FreeRequest)})
     settling = sorted(
@@ -285,31 +277,29 @@ def _rows_to_lock(
                 wallets.add(tenant_id)
         if tenants[tenant_id].ctx.has_due_grants:
             wallets.add(tenant_id)
+    touched: dict[tuple[str, str], bool] = {}  # (tenant, resource): may a request pay
     for req in reqs:
         tenant_id = req.tenant_id
-        state = tenants.get(tenant_id)
-        if state is None or isinstance(req, TidyRequest):
+        if tenant_id not in tenants or isinstance(req, TidyRequest):
             continue
-        if isinstance(req, ReleaseRequest):
-            res = held.get((tenant_id, req.reservation_id))
-            if res is not None and res.status == "active":
-                keys.update((tenant_id, *k) for k in res.windows)
-                if res.held_micros:
-                    wallets.add(tenant_id)
-            continue
-        if isinstance(req, CommitRequest):
+        if isinstance(req, ReleaseRequest | CommitRequest):
             res = held.get((tenant_id, req.reservation_id))
             if res is None or res.status in SETTLED:
                 continue  # an error or a replay: nothing to lock
-            resource, pays = res.resource, req.tokens is not None
             if res.status == "active":  # its amount is still in the counters
                 keys.update((tenant_id, *k) for k in res.windows)
                 if res.held_micros:
                     wallets.add(tenant_id)
+            if isinstance(req, ReleaseRequest):
+                continue
+            resource, pays = res.resource, req.tokens is not None
         elif isinstance(req, FreeRequest):
             resource, pays = req.resource, False
         else:
             resource, pays = req.resource, not req.dry_run and req.tokens is not None
+        touched[(tenant_id, resource)] = touched.get((tenant_id, resource), False) or pays
+    for (tenant_id, resource), pays in touched.items():
+        state = tenants[tenant_id]
         quotas, windows = state.plan(resource, now, shared)
         keys.update((tenant_id, resource, w.period, w.start) for w in windows)
         if pays and not state.ctx.unlimited and any(q.overage is Overage.WALLET for q in quotas):

@@ -1,14 +1,6 @@
-"""The decision core: every quota rule, written once.
-
-Each request is decided against its tenant's state as the transaction has left it so far
-(`TenantState`: counters, wallet and grants as locked, request_ids taken, the plan's
-windows), and what it changes is carried into that state and queued in `Changes`. A
-transaction of one request and a coalesced batch of many run the same functions in the
-same order (billing_core/quota/batch.py loads the state and writes the changes).
-
-A function that refuses a request raises before it changes anything, so the request is
-answered with its error and its neighbours are decided as if it had never come.
-"""
+"""The decision core: every quota rule, written once. Each request is decided against its
+tenant's state as the transaction has left it so far, and what it changes is carried into
+that state and queued in `Changes`; a refused request raises before it changes anything."""
 
 from __future__ import annotations
 
@@ -41,8 +33,6 @@ from billing_core.rules.pricing import ModelPrice, TokenUsage, cost_micros, miss
 from billing_core.rules.resources import Period
 from billing_core.rules.wallet import LiveGrant, allocate_debit
 
-# what the wallet may pay when only the windows decide (a first pass, before the wallet)
-NO_LIMIT = 1 << 62
 Prices = dict[tuple[str, str], ModelPrice]
 Held = dict[tuple[str, str], Reservation]  # (tenant_id, reservation_id): the reservation
 # windows computed once per transaction: daily/weekly depend on the timezone, monthly on
@@ -198,15 +188,15 @@ def admit(
     counts = state.counts
     verdict = outcomes.gate(ctx, quotas, now, rules.past_due_grace)
     if verdict is None:
-        window_counts = outcomes.window_counts(quotas, windows, counts, req.resource)
-        verdict = decide(window_counts, req.amount, price, NO_LIMIT, unlimited=ctx.unlimited)
-        if verdict.allowed and verdict.charge_micros > 0:
-            if req.dry_run:
-                balance, on_hold = state.live_micros(), 0
-            else:
-                balance, on_hold = state.wallet or (0, 0)
+        # what the wallet can pay for the part past a wallet-overage limit: the live wallet
+        # for a dry run, the locked one less its holds for a real request
+        if req.dry_run:
+            available = state.live_micros()
+        else:
+            balance, on_hold = state.wallet or (0, 0)
             available = balance - on_hold
-            verdict = decide(window_counts, req.amount, price, available, unlimited=ctx.unlimited)
+        window_counts = outcomes.window_counts(quotas, windows, counts, req.resource)
+        verdict = decide(window_counts, req.amount, price, available, unlimited=ctx.unlimited)
     if not verdict.allowed:
         return outcomes.denial(state.context(), quotas, windows, counts, req, price, verdict, now)
     if req.dry_run:

@@ -1,13 +1,6 @@
 """QuotaEngine: the quota use cases — CheckAndConsume, Reserve, Commit, Release, Free,
 GetUsage — each answered by one transaction through the decision core, alone or with the
-other requests of a coalesced batch (run_batch).
-
-A batch that fails as a whole (a request_id another transaction took meanwhile, a row lock
-held elsewhere past its lock timeout, a statement the database refused, a bug) is decided
-again one request per transaction: each tenant's requests in their order, a few tenants
-side by side, so one bad request never fails its neighbours and one locked tenant holds up
-only itself.
-"""
+other requests of a coalesced batch (run_batch)."""
 
 from __future__ import annotations
 
@@ -75,7 +68,12 @@ class EngineStats:
 
 
 class QuotaEngine:
-    """The quota use cases over a QuotaStore (billing_core/db/quota_store.py)."""
+    """The quota use cases over a QuotaStore (billing_core/db/quota_store.py). A batch that
+    fails as a whole (a request_id another transaction took meanwhile, a row lock held
+    elsewhere past its lock timeout, a statement the database refused, a bug) is decided
+    again one request per transaction: each tenant's in their order, a few tenants side by
+    side, so one bad request never fails its neighbours and one locked tenant holds up
+    only itself."""
 
     def __init__(self, store: QuotaStore, clock: Clock, rules: QuotaRules) -> None:
         self._store = store

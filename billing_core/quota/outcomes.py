@@ -67,18 +67,18 @@ def settled_commit(res: Reservation, fingerprint: str) -> CommitResult | None:
 
 
 def commit_charge(
-    wcs: Sequence[WindowCount], amount: int, cost: int, unlimited: bool
+    counts: Sequence[WindowCount], amount: int, cost: int, unlimited: bool
 ) -> tuple[int, bool]:
     """What a commit owes the wallet, and whether it went past a blocking limit."""
     if unlimited:
         return 0, False
     over_block = any(
-        c.level + amount > c.quota.limit for c in wcs if c.quota.overage is Overage.BLOCK
+        c.level + amount > c.quota.limit for c in counts if c.quota.overage is Overage.BLOCK
     )
     over_units = max(
         (
             min(amount, c.level + amount - max(c.quota.limit, c.level))
-            for c in wcs
+            for c in counts
             if c.quota.overage is Overage.WALLET and c.level + amount > c.quota.limit
         ),
         default=0,

@@ -112,7 +112,7 @@ class _Staller(_Recorder):
 
     def __init__(self, *, rescue: bool = False) -> None:
         super().__init__()
-        self.let_go = asyncio.Event()
+        self.release = asyncio.Event()
         self.overflows: list[bool] = []
         self.rescue = rescue
 
@@ -131,7 +131,7 @@ class _Staller(_Recorder):
                 for i, r in enumerate(reqs):
                     if r.tenant_id != "stuck":
                         answer(i, Decision(True, Reason.ALLOWED, ()))
-            await self.let_go.wait()
+            await self.release.wait()
             return [Decision(True, Reason.ALLOWED, ()) for _ in reqs]
         return await super().run_batch(reqs)
 
@@ -160,7 +160,7 @@ async def test_a_stalled_batch_holds_up_its_own_tenants_only(stall_s: float) -> 
         else:
             assert not done and coalescer.overtaken == 0  # held up behind it
         assert not first.done() and not later.done()
-        staller.let_go.set()
+        staller.release.set()
         await asyncio.wait_for(asyncio.gather(first, later, *others), 60)  # safety net only
     finally:
         await coalescer.stop()
@@ -191,7 +191,7 @@ async def test_tenants_a_stalled_batch_answered_early_go_on_without_it() -> None
         done, _ = await asyncio.wait(later, timeout=10)
         # the stall bound is an hour: a2 went beside the batch because its tenant was let go
         assert done == {later[1]} and not first[0].done()
-        staller.let_go.set()
+        staller.release.set()
         await asyncio.wait_for(asyncio.gather(*first, *later), 60)  # safety net only
     finally:
         await coalescer.stop()
