@@ -60,6 +60,12 @@ class Settings:
     # where browsers reach the control plane (checkout success/cancel and portal return URLs)
     public_base_url: str = "http://127.0.0.1:8000"
     trial_expiry_seconds: int = 60
+    # billing and admin pages: the key that signs billing links, sessions and forms; how long
+    # a session lasts; who may embed the billing pages (CSP frame-ancestors)
+    billing_link_secret: str = ""
+    billing_session_hours: int = 12
+    admin_session_hours: int = 8
+    billing_frame_ancestors: str = "'self'"
     # Stripe: real Stripe when stripe_secret_key is set, else the local emulator
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
@@ -101,6 +107,10 @@ class Settings:
             admin_api_key=_str(env, "ADMIN_API_KEY"),
             public_base_url=_str(env, "PUBLIC_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
             trial_expiry_seconds=_int(env, "TRIAL_EXPIRY_SECONDS", 60),
+            billing_link_secret=_str(env, "BILLING_LINK_SECRET"),
+            billing_session_hours=_int(env, "BILLING_SESSION_HOURS", 12),
+            admin_session_hours=_int(env, "ADMIN_SESSION_HOURS", 8),
+            billing_frame_ancestors=_str(env, "BILLING_FRAME_ANCESTORS", "'self'"),
             stripe_secret_key=_str(env, "STRIPE_SECRET_KEY"),
             stripe_webhook_secret=_str(env, "STRIPE_WEBHOOK_SECRET"),
             stripe_emulator_host=_str(env, "STRIPE_EMULATOR_HOST", "127.0.0.1"),
@@ -133,6 +143,14 @@ class Settings:
             raise InvalidRequest("QUOTA_BATCH_LOCK_TIMEOUT_MS must be between 0 and 600000")
         if self.past_due_grace_days < 0:
             raise InvalidRequest("PAST_DUE_GRACE_DAYS must not be negative")
+        if self.billing_link_secret and len(self.billing_link_secret) < 32:
+            raise InvalidRequest("BILLING_LINK_SECRET must be at least 32 characters")
+        if not 1 <= self.billing_session_hours <= 24 * 30:
+            raise InvalidRequest("BILLING_SESSION_HOURS must be between 1 and 720")
+        if not 1 <= self.admin_session_hours <= 24 * 30:
+            raise InvalidRequest("ADMIN_SESSION_HOURS must be between 1 and 720")
+        if any(c in self.billing_frame_ancestors for c in ";,\n\r"):
+            raise InvalidRequest("BILLING_FRAME_ANCESTORS is a space-separated list of sources")
         if self.log_format not in {"auto", "json", "console"}:
             raise InvalidRequest("LOG_FORMAT must be auto, json or console")
 

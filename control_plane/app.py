@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Match, Route
+from starlette.routing import Match, Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from billing_core.billing import subscriptions
@@ -24,13 +25,15 @@ from billing_core.db.migrate import head_revision
 from billing_core.db.unit_of_work import Database
 from billing_core.quota.engine import QuotaEngine, QuotaRules
 from billing_core.settings import Settings
-from control_plane import pages
 from control_plane.api import payments, v1
 from control_plane.api.auth import ApiKeyAuth
 from control_plane.api.docs import render_docs
 from control_plane.api.problems import problem
 from control_plane.api.routing import openapi_document, route
 from control_plane.stripe_adapter import StripeBillingAdapter
+from control_plane.ui import admin as admin_pages
+from control_plane.ui import billing as billing_pages
+from control_plane.ui.web import Pages, SecurityHeaders
 from control_plane.webhooks import stripe_webhook
 
 log = structlog.get_logger()
@@ -110,16 +113,22 @@ def create_app(
             Route("/metrics", metrics),
             Route("/openapi.json", openapi_json),
             Route("/docs", docs),
-            Route("/billing", pages.billing),
-            Route("/billing/return", pages.checkout_return),
+            *billing_pages.routes(),
+            *admin_pages.routes(),
+            Mount("/static", StaticFiles(packages=[("control_plane.ui", "static")]), name="static"),
             Route("/webhooks/stripe", stripe_webhook(clock), methods=["POST"]),
             *(route(ep, clock) for ep in ENDPOINTS),
         ],
-        middleware=[Middleware(CountRequests, counter=requests_total), Middleware(ApiKeyAuth)],
+        middleware=[
+            Middleware(CountRequests, counter=requests_total),
+            Middleware(SecurityHeaders, frame_ancestors=settings.billing_frame_ancestors),
+            Middleware(ApiKeyAuth),
+        ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.pages = Pages(settings, clock)
     app.state.requests_total = requests_total
     app.state.billing = billing or StripeBillingAdapter(settings)
     return app

@@ -15,6 +15,7 @@ from stripe.params.checkout import SessionCreateParamsSubscriptionData
 
 from billing_core.billing.provider import (
     BillingEvent,
+    ChangePreview,
     EventKind,
     InvalidSignature,
     PriceRef,
@@ -90,6 +91,11 @@ def invoice_from(data: Mapping[str, Any]) -> ProviderInvoice:
         price_id=_invoice_price(data),
         period_start=_at(data.get("period_start")),
         period_end=_at(data.get("period_end")),
+        number=data.get("number") or "",
+        currency=data.get("currency") or "usd",
+        total_cents=int(data.get("total") or 0),
+        created=_at(data.get("created")),
+        hosted_url=data.get("hosted_invoice_url"),
     )
 
 
@@ -309,6 +315,45 @@ class StripeBillingAdapter:
             ),
         )
         return subscription_from(_dict(sub))
+
+    async def preview_change(
+        self, subscription_id: str, item_id: str, price_id: str, *, upgrade: bool
+    ) -> ChangePreview:
+        async def preview(behavior: str) -> dict[str, Any]:
+            invoice = await self._call(
+                "preview invoice",
+                self._client.v1.invoices.create_preview_async(
+                    params={
+                        "subscription": subscription_id,
+                        "subscription_details": {
+                            "items": [{"id": item_id, "price": price_id}],
+                            "proration_behavior": behavior,
+                        },
+                    }
+                ),
+            )
+            return _dict(invoice)
+
+        # an upgrade is invoiced at once (its proration); a downgrade's credit goes to the
+        # next invoice
+        now = await preview("always_invoice") if upgrade else None
+        upcoming = await preview("create_prorations")
+        price = await self._call("fetch price", self._client.v1.prices.retrieve_async(price_id))
+        return ChangePreview(
+            currency=str(upcoming.get("currency") or "usd"),
+            due_today_cents=int(now["amount_due"]) if now else 0,
+            next_invoice_cents=int(upcoming["amount_due"])
+            if not upgrade
+            else int(price.unit_amount or 0),
+            next_invoice_at=_at(upcoming.get("next_payment_attempt") or upcoming.get("period_end")),
+        )
+
+    async def list_invoices(self, customer_id: str, limit: int = 12) -> list[ProviderInvoice]:
+        found = await self._call(
+            "list invoices",
+            self._client.v1.invoices.list_async(params={"customer": customer_id, "limit": limit}),
+        )
+        return [invoice_from(_dict(i)) for i in found.data]
 
     def parse_webhook(self, payload: bytes, signature: str) -> BillingEvent:
         if not self._webhook_secret:

@@ -50,12 +50,12 @@ async def _prepare(database_url: str) -> str:
         await db.close()
 
 
-def _kept_secret(name: str) -> str:
+def _kept_secret(name: str, prefix: str = "whsec_") -> str:
     """A generated secret kept in .data/ so that restarts keep using it."""
     path = DATA / name
     if path.exists():
         return path.read_text().strip()
-    secret = "whsec_" + secrets.token_hex(24)
+    secret = prefix + secrets.token_hex(24)
     path.write_text(secret + "\n")
     path.chmod(0o600)
     return secret
@@ -99,6 +99,8 @@ def main() -> int:
         **os.environ,
         "DATABASE_URL": database_url,
         "STRIPE_WEBHOOK_SECRET": webhook_secret,
+        "BILLING_LINK_SECRET": settings.billing_link_secret
+        or _kept_secret("billing_link_secret", "bls_"),
         "STRIPE_WEBHOOK_URL": settings.stripe_webhook_url,
         # the emulator's objects survive restarts like the database does
         "STRIPE_EMULATOR_STATE": settings.stripe_emulator_state
@@ -136,6 +138,8 @@ def main() -> int:
                 f"  sidecar metrics http://{settings.grpc_host}:{settings.metrics_port}/metrics",
                 f"  control plane  http://{settings.http_host}:{settings.http_port}"
                 "  (/healthz, /readyz, /metrics)",
+                f"  admin pages    http://{settings.http_host}:{settings.http_port}/admin"
+                "  (sign in with the admin API key)",
                 f"  admin API key  {key}",
                 f"  Stripe         {stripe_where}",
                 f"  webhooks       {settings.stripe_webhook_url} (secret in {secret_from})",

@@ -346,6 +346,7 @@ def create_app(settings: Settings, *, base_url: str | None = None) -> Starlette:
         r("/v1/subscriptions/{id}", lambda q, p: e.update_subscription(path(q), p), "POST"),
         r("/v1/subscriptions/{id}", lambda q, p: e.cancel_subscription(path(q)), "DELETE"),
         r("/v1/invoices", list_invoices, "GET"),
+        r("/v1/invoices/create_preview", lambda q, p: e.preview_invoice(p), "POST"),
         r("/v1/invoices/{id}", lambda q, p: e.get("invoice", path(q)), "GET"),
         r("/v1/events", list_events, "GET"),
         r("/v1/events/{id}", lambda q, p: e.get("event", path(q)), "GET"),

@@ -535,6 +535,58 @@ class Emulator:
             self.objects[sub["customer"]]["balance"] += amount  # a credit for the next invoice
         return True
 
+    def preview_invoice(self, p: Obj) -> Obj:
+        """POST /v1/invoices/create_preview for a price change of a subscription: with
+        `always_invoice`, the proration invoiced now; otherwise the next invoice (the new
+        price, less any credit the change leaves). Nothing is stored."""
+        sub = self.get("subscription", p.get("subscription", ""), "subscription")
+        details = p.get("subscription_details") or {}
+        items = details.get("items") or []
+        item = sub["items"]["data"][0]
+        old = item["price"]
+        new = self.get("price", items[0].get("price", ""), "subscription_details[items][0][price]")
+        if items[0].get("id") not in (None, item["id"]):
+            raise StripeError(400, f"No such subscription item: '{items[0]['id']}'")
+        now = self.now_for(sub["customer"])
+        start, end = item["current_period_start"], item["current_period_end"]
+        prorate = details.get("proration_behavior") != "none" and sub["status"] != "trialing"
+        proration = (
+            (new["unit_amount"] - old["unit_amount"]) * max(0, end - now) // max(1, end - start)
+            if prorate
+            else 0
+        )
+        credit = max(-self.objects[sub["customer"]]["balance"], 0)
+        if details.get("proration_behavior") == "always_invoice":
+            total, period = proration, (now, end)
+        else:  # the next renewal: a new period at the new price, with the credit taken off
+            total, period = (
+                new["unit_amount"] + min(proration, 0),
+                (end, self._period_end(new, end)),
+            )
+        due = max(0, total - credit)
+        preview = {k: _blank(v) for k, v in self.templates["invoice"].items()}
+        preview.update(
+            object="invoice",
+            id="upcoming_" + _id("in"),
+            customer=sub["customer"],
+            currency=sub["currency"],
+            status="draft",
+            billing_reason="upcoming",
+            subtotal=total,
+            total=total,
+            amount_due=due,
+            amount_remaining=due,
+            amount_paid=0,
+            created=now,
+            period_start=period[0],
+            period_end=period[1],
+            next_payment_attempt=period[0] if period[0] > now else now,
+            livemode=False,
+            metadata={},
+            lines=self.listing([], "/v1/invoices/upcoming/lines"),
+        )
+        return preview
+
     def cancel_subscription(self, sub_id: str) -> Obj:
         sub = self.get("subscription", sub_id)
         if sub["status"] != "canceled":

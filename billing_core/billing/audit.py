@@ -9,6 +9,8 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from billing_core.billing.model import AuditEntryView, AuditFilter
+from billing_core.billing.pages import Page, check_limit, decode_cursor, page_of
 from billing_core.db.unit_of_work import UnitOfWork
 
 
@@ -68,3 +70,13 @@ async def record_tenant(
         after=after,
         now=now,
     )
+
+
+async def list_entries(
+    uow: UnitOfWork, flt: AuditFilter, *, limit: int, cursor: str | None
+) -> Page[AuditEntryView]:
+    """The audit log, newest first, filtered."""
+    check_limit(limit)
+    before = decode_cursor(cursor, 1)
+    rows = await uow.audit.page(flt, before=before[0] if before else None, limit=limit + 1)
+    return page_of(rows, limit, lambda e: [e.audit_id])

@@ -4,7 +4,7 @@ with (plans, tenants, subscriptions, wallets, prices, records, webhook events)."
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from billing_core.errors import InvalidRequest
@@ -143,6 +143,8 @@ class SubscriptionView:
     stripe_customer_id: str | None
     stripe_subscription_id: str | None
     explanation: str
+    past_due_since: datetime | None = None
+    enterprise: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,3 +211,33 @@ class RecordFilter:
             validate_resource(self.resource)
         if self.since and self.until and self.since >= self.until:
             raise InvalidRequest("since must be before until")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntryView:
+    audit_id: int
+    actor: str
+    action: str
+    entity_type: str
+    entity_id: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    actor: str | None = None
+    action: str | None = None
+    entity_type: str | None = None
+    entity_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DayOfUsage:
+    """One day (in the tenant's timezone) of one resource."""
+
+    resource: str
+    day: date
+    amount: int
+    cost_micros: int

@@ -4,12 +4,18 @@ answers (server to server) or its verified webhooks (webhooks.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from billing_core.billing import audit
 from billing_core.billing.model import PlanView, SubscriptionView
 from billing_core.billing.plans import get_plan, require_open
-from billing_core.billing.provider import BillingAdapter, SessionLink
+from billing_core.billing.provider import (
+    BillingAdapter,
+    ChangePreview,
+    ProviderInvoice,
+    SessionLink,
+)
 from billing_core.billing.subscriptions import (
     LIVE,
     apply_provider_subscription,
@@ -114,6 +120,53 @@ async def open_portal(
     return await adapter.create_portal_session(customer_id, return_url)
 
 
+@dataclass(frozen=True, slots=True)
+class PlanChange:
+    """A change of a paid subscription's plan, as the confirmation shows it."""
+
+    subscription_id: str
+    current: PlanView
+    target: PlanView
+
+    @property
+    def upgrade(self) -> bool:
+        return self.target.spec.price_cents > self.current.spec.price_cents
+
+
+async def _plan_change(uow: UnitOfWork, tenant_id: str, plan_id: str) -> PlanChange | None:
+    """The change to `plan_id` of the tenant's paid subscription (the tenant locked); None
+    when it is on that plan already."""
+    await get_tenant(uow, tenant_id, lock=True)
+    current = await _paid_subscription(uow, tenant_id)
+    if current is None or current[1] not in LIVE:
+        raise Conflict(f"tenant {tenant_id!r} has no paid subscription to change; use checkout")
+    subscription_id, _, current_plan_id = current
+    if current_plan_id == plan_id:
+        return None
+    target = await get_plan(uow, plan_id)
+    _sold_through_checkout(target)
+    now_plan = await get_plan(uow, current_plan_id)
+    if target.spec.interval != now_plan.spec.interval:
+        raise Conflict("changing between monthly and yearly billing goes through the portal")
+    return PlanChange(subscription_id, now_plan, target)
+
+
+async def preview_plan_change(
+    uow: UnitOfWork, adapter: BillingAdapter, tenant_id: str, plan_id: str
+) -> tuple[PlanChange, ChangePreview]:
+    """What changing to `plan_id` would change and cost (due now, and the next invoice),
+    as the payment provider computes it; nothing changes."""
+    change = await _plan_change(uow, tenant_id, plan_id)
+    if change is None:
+        raise Conflict(f"tenant {tenant_id!r} is on plan {plan_id!r} already")
+    price_id = await _price_for(uow, adapter, change.target)
+    provider = await adapter.fetch_subscription(change.subscription_id)
+    cost = await adapter.preview_change(
+        change.subscription_id, provider.item_id, price_id, upgrade=change.upgrade
+    )
+    return change, cost
+
+
 async def change_plan(
     uow: UnitOfWork,
     adapter: BillingAdapter,
@@ -125,26 +178,14 @@ async def change_plan(
 ) -> SubscriptionView:
     """Upgrade (charged now, prorated; applied only if the payment succeeds) or downgrade
     (credited on the next invoice) the tenant's paid subscription."""
-    await get_tenant(uow, tenant_id, lock=True)
-    current = await _paid_subscription(uow, tenant_id)
-    if current is None or current[1] not in LIVE:
-        raise Conflict(f"tenant {tenant_id!r} has no paid subscription to change; use checkout")
-    subscription_id, _, current_plan_id = current
-    if current_plan_id == plan_id:
+    change = await _plan_change(uow, tenant_id, plan_id)
+    if change is None:
         return await get_subscription(uow, tenant_id, now, grace)
-    target = await get_plan(uow, plan_id)
-    _sold_through_checkout(target)
-    now_plan = await get_plan(uow, current_plan_id)
-    if target.spec.interval != now_plan.spec.interval:
-        raise Conflict("changing between monthly and yearly billing goes through the portal")
     before = await get_subscription(uow, tenant_id, now, grace)
-    price_id = await _price_for(uow, adapter, target)
-    provider = await adapter.fetch_subscription(subscription_id)
+    price_id = await _price_for(uow, adapter, change.target)
+    provider = await adapter.fetch_subscription(change.subscription_id)
     changed = await adapter.change_price(
-        subscription_id,
-        provider.item_id,
-        price_id,
-        upgrade=target.spec.price_cents > now_plan.spec.price_cents,
+        change.subscription_id, provider.item_id, price_id, upgrade=change.upgrade
     )
     if changed.price_id != price_id:
         raise Conflict(
@@ -153,6 +194,15 @@ async def change_plan(
         )
     await apply_provider_subscription(uow, tenant_id, changed, now)
     return await recorded_change(uow, actor, "subscription.change", before, now, grace)
+
+
+async def invoices(
+    uow: UnitOfWork, adapter: BillingAdapter, tenant_id: str, limit: int = 12
+) -> list[ProviderInvoice]:
+    """The tenant's invoices at the payment provider, newest first (none before it paid)."""
+    await get_tenant(uow, tenant_id)
+    customer_id = await uow.tenants.provider_customer(tenant_id)
+    return await adapter.list_invoices(customer_id, limit) if customer_id else []
 
 
 async def set_cancel_at_period_end(

@@ -9,7 +9,7 @@ from typing import Any
 
 from billing_core.billing import audit
 from billing_core.billing.model import PlanSpec, PlanView
-from billing_core.billing.pages import Page, check_limit, decode_cursor, page_of
+from billing_core.billing.pages import MAX_LIMIT, Page, check_limit, decode_cursor, page_of
 from billing_core.db.unit_of_work import UnitOfWork
 from billing_core.errors import Conflict, InvalidRequest, NotFound
 from billing_core.ids import new_id
@@ -45,6 +45,17 @@ async def list_plans(
     after = decode_cursor(cursor, 1)
     views = await uow.plans.page(after=after[0] if after else None, active=active, limit=limit + 1)
     return page_of(views, limit, lambda v: [v.plan_id])
+
+
+async def all_plans(uow: UnitOfWork, *, active: bool | None = None) -> list[PlanView]:
+    """Every plan (or every active or archived one), page by page, in id order."""
+    found: list[PlanView] = []
+    cursor = None
+    while True:
+        page = await list_plans(uow, limit=MAX_LIMIT, cursor=cursor, active=active)
+        found += page.items
+        if (cursor := page.next_cursor) is None:
+            return found
 
 
 async def create_plan(

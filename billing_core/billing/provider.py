@@ -58,6 +58,22 @@ class ProviderInvoice:
     price_id: str | None
     period_start: datetime | None
     period_end: datetime | None
+    number: str = ""
+    currency: str = "usd"
+    total_cents: int = 0
+    created: datetime | None = None
+    hosted_url: str | None = None  # the provider's page for the invoice
+
+
+@dataclass(frozen=True, slots=True)
+class ChangePreview:
+    """What a plan change costs, as the provider computes it: due at once (an upgrade's
+    proration) and the next invoice."""
+
+    currency: str
+    due_today_cents: int
+    next_invoice_cents: int
+    next_invoice_at: datetime | None
 
 
 class EventKind(StrEnum):
@@ -134,6 +150,16 @@ class BillingAdapter(Protocol):
     async def cancel_at_period_end(
         self, subscription_id: str, cancel: bool
     ) -> ProviderSubscription: ...
+
+    async def preview_change(
+        self, subscription_id: str, item_id: str, price_id: str, *, upgrade: bool
+    ) -> ChangePreview:
+        """What change_price with the same arguments would charge now and next."""
+        ...
+
+    async def list_invoices(self, customer_id: str, limit: int = 12) -> list[ProviderInvoice]:
+        """The customer's invoices, newest first."""
+        ...
 
     def parse_webhook(self, payload: bytes, signature: str) -> BillingEvent:
         """Verify the signature on the raw body and parse; InvalidSignature otherwise."""

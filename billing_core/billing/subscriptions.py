@@ -59,6 +59,8 @@ async def get_subscription(
         current.stripe_customer_id,
         current.stripe_subscription_id,
         explanation,
+        current.past_due_since,
+        current.enterprise,
     )
 
 

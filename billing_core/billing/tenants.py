@@ -28,6 +28,30 @@ async def list_tenants(uow: UnitOfWork, *, limit: int, cursor: str | None) -> Pa
     return page_of(rows, limit, lambda t: [t.tenant_id])
 
 
+async def search_tenants(
+    uow: UnitOfWork, text: str, *, limit: int, cursor: str | None
+) -> Page[TenantView]:
+    """Tenants whose id, name or email contains the text."""
+    check_limit(limit)
+    after = decode_cursor(cursor, 1)
+    rows = await uow.tenants.search(text.strip(), after=after[0] if after else None,
+                                    limit=limit + 1)  # fmt: skip
+    return page_of(rows, limit, lambda t: [t.tenant_id])
+
+
+async def grant_billing_access(
+    uow: UnitOfWork, actor: str, tenant_id: str, expires_at: datetime, now: datetime
+) -> TenantView:
+    """Someone may see the tenant's billing pages until `expires_at` (a billing link the
+    platform hands its user): the tenant must exist, and the grant is in the audit log."""
+    tenant = await get_tenant(uow, tenant_id)
+    await audit.record_tenant(
+        uow, actor, "billing_link.create", tenant_id, None,
+        {"expires_at": expires_at.isoformat()}, now,
+    )  # fmt: skip
+    return tenant
+
+
 async def create_tenant(
     uow: UnitOfWork,
     actor: str,

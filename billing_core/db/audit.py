@@ -8,6 +8,8 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
+from billing_core.billing.model import AuditEntryView, AuditFilter
+
 
 class AuditRepository:
     def __init__(self, conn: AsyncConnection[Any]) -> None:
@@ -37,3 +39,27 @@ class AuditRepository:
                 now,
             ),
         )
+
+    async def page(
+        self, flt: AuditFilter, *, before: int | None, limit: int
+    ) -> list[AuditEntryView]:
+        """Entries matching the filter, newest first, older than the entry `before`."""
+        cur = await self._conn.execute(
+            "SELECT audit_id, actor, action, entity_type, entity_id, before, after, created_at"
+            " FROM audit_log"
+            " WHERE (%(actor)s::text IS NULL OR actor = %(actor)s)"
+            " AND (%(action)s::text IS NULL OR action = %(action)s)"
+            " AND (%(etype)s::text IS NULL OR entity_type = %(etype)s)"
+            " AND (%(eid)s::text IS NULL OR entity_id = %(eid)s)"
+            " AND (%(before)s::bigint IS NULL OR audit_id < %(before)s)"
+            " ORDER BY audit_id DESC LIMIT %(n)s",
+            {
+                "actor": flt.actor,
+                "action": flt.action,
+                "etype": flt.entity_type,
+                "eid": flt.entity_id,
+                "before": before,
+                "n": limit,
+            },
+        )
+        return [AuditEntryView(*row) for row in await cur.fetchall()]

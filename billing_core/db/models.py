@@ -6,13 +6,14 @@ every tenant-owned table has tenant_id first in its primary key.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     ForeignKey,
     ForeignKeyConstraint,
@@ -253,6 +254,20 @@ class UsageRecord(Base):
     over_limit: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     labels: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     occurred_at: Mapped[datetime] = mapped_column(TS)
+
+
+class UsageDaily(Base):
+    """A completed day of a tenant's usage of a resource (a day in the tenant's timezone),
+    summed from its records the first time a chart asks for it: records never change, so
+    neither does a day once it is over. Charts read these instead of the history."""
+
+    __tablename__ = "usage_daily"
+
+    tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    resource: Mapped[str] = mapped_column(String(72), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    cost_micros: Mapped[int] = mapped_column(BigInteger)
 
 
 class Reservation(Base):

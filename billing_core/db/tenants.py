@@ -58,6 +58,18 @@ class TenantRepository:
         )
         return [TenantView(*row) for row in await cur.fetchall()]
 
+    async def search(self, text: str, *, after: str | None, limit: int) -> list[TenantView]:
+        """Tenants whose id, name or email contains `text` (any case), by id."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        cur = await self._conn.execute(
+            f"SELECT {_TENANT_COLUMNS} FROM tenants"
+            " WHERE (tenant_id ILIKE %(p)s OR name ILIKE %(p)s OR email ILIKE %(p)s)"
+            " AND (%(after)s::text IS NULL OR tenant_id > %(after)s)"
+            " ORDER BY tenant_id LIMIT %(n)s",
+            {"p": pattern, "after": after, "n": limit},
+        )
+        return [TenantView(*row) for row in await cur.fetchall()]
+
     async def insert(
         self, tenant_id: str, name: str, email: str, timezone: str, now: datetime
     ) -> None:

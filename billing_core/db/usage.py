@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from billing_core.billing.model import NotificationView, RecordFilter
+from billing_core.billing.model import DayOfUsage, NotificationView, RecordFilter
 from billing_core.quota.model import RECORD_FIELDS, UsageRecord
 
 _SELECT = (
@@ -45,6 +45,55 @@ class UsageRepository:
             },
         )
         return [UsageRecord(*r) for r in await cur.fetchall()]
+
+    async def latest(self, tenant_id: str, limit: int) -> list[UsageRecord]:
+        """The newest records (through the tenant-and-time index)."""
+        cur = await self._conn.execute(
+            f"SELECT {', '.join(RECORD_FIELDS)} FROM usage_records WHERE tenant_id = %s"
+            " ORDER BY occurred_at DESC, usage_record_id DESC LIMIT %s",
+            (tenant_id, limit),
+        )
+        return [UsageRecord(*r) for r in await cur.fetchall()]
+
+    async def summed_days(self, tenant_id: str, first: date, last: date) -> list[DayOfUsage]:
+        """The days from `first` to `last` already summed (a day with no usage has a row
+        for the resource '' and nothing else)."""
+        cur = await self._conn.execute(
+            "SELECT resource, day, amount, cost_micros FROM usage_daily"
+            " WHERE tenant_id = %s AND day BETWEEN %s AND %s ORDER BY day, resource",
+            (tenant_id, first, last),
+        )
+        return [DayOfUsage(*r) for r in await cur.fetchall()]
+
+    async def sum_days(
+        self, tenant_id: str, since: datetime, until: datetime, timezone: str
+    ) -> list[DayOfUsage]:
+        """The records from `since` to `until` summed per resource and local day."""
+        cur = await self._conn.execute(
+            "SELECT resource, (occurred_at AT TIME ZONE %(tz)s)::date AS day,"
+            " sum(amount)::bigint, sum(cost_micros)::bigint FROM usage_records"
+            " WHERE tenant_id = %(t)s AND occurred_at >= %(since)s AND occurred_at < %(until)s"
+            " GROUP BY 1, 2 ORDER BY 2, 1",
+            {"t": tenant_id, "tz": timezone, "since": since, "until": until},
+        )
+        return [DayOfUsage(*r) for r in await cur.fetchall()]
+
+    async def keep_days(self, tenant_id: str, days: Sequence[DayOfUsage]) -> None:
+        """Keep summed days (once: a day summed twice sums the same)."""
+        if not days:
+            return
+        await self._conn.execute(
+            "INSERT INTO usage_daily (tenant_id, resource, day, amount, cost_micros)"
+            " SELECT %s, r, d, a, c FROM unnest(%s::text[], %s::date[], %s::bigint[],"
+            " %s::bigint[]) AS u(r, d, a, c) ON CONFLICT DO NOTHING",
+            (
+                tenant_id,
+                [d.resource for d in days],
+                [d.day for d in days],
+                [d.amount for d in days],
+                [d.cost_micros for d in days],
+            ),
+        )
 
     async def notifications(
         self, tenant_id: str, *, before: int | None, limit: int

@@ -27,11 +27,12 @@ class Urls:
 
     def cancel(self, tenant_id: str) -> str:
         return (
-            f"{self.public_base_url}/billing?tenant={quote(tenant_id, safe='')}&checkout=canceled"
+            f"{self.public_base_url}/billing/plans?tenant={quote(tenant_id, safe='')}"
+            "&checkout=canceled"
         )
 
     def portal_return(self, tenant_id: str) -> str:
-        return f"{self.public_base_url}/billing?tenant={quote(tenant_id, safe='')}"
+        return f"{self.public_base_url}/billing?tenant={quote(tenant_id, safe='')}&from=portal"
 
 
 def _adapter(call: Call) -> BillingAdapter:

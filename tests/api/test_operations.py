@@ -37,15 +37,16 @@ async def test_the_api_documents_itself_without_a_cdn(control_plane: ControlPlan
     assert not re.search(r"""(src|href)=["']?https?://""", docs.text)  # nothing fetched
 
 
-async def test_the_provider_return_pages_change_nothing_and_say_so(
+async def test_the_provider_return_pages_change_nothing_and_show_no_tenant_without_a_session(
     control_plane: ControlPlane,
 ) -> None:
     async with httpx.AsyncClient(base_url=control_plane.url) as browser:
         paid = await browser.get("/billing/return", params={"tenant": "t", "session_id": "cs"})
         canceled = await browser.get("/billing", params={"tenant": "t", "checkout": "canceled"})
-        back = await browser.get("/billing", params={"tenant": "t"})
-    assert paid.status_code == canceled.status_code == back.status_code == 200
+        back = await browser.get("/billing", params={"tenant": "t", "from": "portal"})
+    assert paid.status_code == 200
     assert "does not change your plan by itself" in paid.text
-    assert "Nothing was charged and your plan is unchanged" in canceled.text
-    assert "take effect within seconds" in back.text
+    assert canceled.status_code == back.status_code == 401  # a query string is no session
+    assert "nothing was charged and your plan is unchanged" in canceled.text
+    assert "This link has expired" in back.text and "nothing was charged" not in back.text
     assert all(r.headers["cache-control"] == "no-store" for r in (paid, canceled, back))
