@@ -23,6 +23,9 @@ from billing_core.db.pool import open_pool
 from billing_core.quota.engine import QuotaEngine
 from tests import factories
 
+# signs the test control planes' billing links and sessions (tests forge expired ones with it)
+LINK_SECRET = "tests-billing-link-secret-" + "x" * 16
+
 
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -112,8 +115,9 @@ class ControlPlane:
 
 
 @contextlib.asynccontextmanager
-async def running_control_plane(database_url: str) -> AsyncIterator[ControlPlane]:
-    """The real control plane (uvicorn) on a free port of this event loop, with a key."""
+async def running_control_plane(database_url: str, **changes: Any) -> AsyncIterator[ControlPlane]:
+    """The real control plane (uvicorn) on a free port of this event loop, with a key (and
+    a billing link secret unless `changes` say otherwise)."""
     import socket
 
     import uvicorn
@@ -123,7 +127,6 @@ async def running_control_plane(database_url: str) -> AsyncIterator[ControlPlane
     from billing_core.settings import Settings
     from control_plane.app import create_app
 
-    app = create_app(Settings(database_url=database_url))
     db = await Database.open(database_url, 1)
     try:
         async with db.transaction() as uow:
@@ -134,6 +137,12 @@ async def running_control_plane(database_url: str) -> AsyncIterator[ControlPlane
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    settings = Settings(
+        database_url=database_url,
+        billing_link_secret=LINK_SECRET,
+        public_base_url=f"http://127.0.0.1:{port}",
+    )
+    app = create_app(settings.with_changes(**changes) if changes else settings)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:

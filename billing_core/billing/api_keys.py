@@ -37,3 +37,8 @@ async def verify_api_key(uow: UnitOfWork, key: str) -> str | None:
     if not key:
         return None
     return await uow.api_keys.live_id(hash_key(key))
+
+
+async def key_is_live(uow: UnitOfWork, api_key_id: str) -> bool:
+    """Whether a session opened with this key still stands (the key was not revoked)."""
+    return await uow.api_keys.is_live(api_key_id)

@@ -46,9 +46,14 @@ async def grant_billing_access(
     platform hands its user): the tenant must exist, and the grant is in the audit log."""
     tenant = await get_tenant(uow, tenant_id)
     await audit.record_tenant(
-        uow, actor, "billing_link.create", tenant_id, None,
-        {"expires_at": expires_at.isoformat()}, now,
-    )  # fmt: skip
+        uow,
+        actor,
+        "billing_link.create",
+        tenant_id,
+        None,
+        {"expires_at": expires_at.isoformat()},
+        now,
+    )
     return tenant
 
 

@@ -31,3 +31,10 @@ class ApiKeyRepository:
         )
         row = await cur.fetchone()
         return None if row is None else str(row[0])
+
+    async def is_live(self, api_key_id: str) -> bool:
+        """Whether the key with this id exists and was not revoked."""
+        cur = await self._conn.execute(
+            "SELECT 1 FROM api_keys WHERE api_key_id = %s AND revoked_at IS NULL", (api_key_id,)
+        )
+        return await cur.fetchone() is not None

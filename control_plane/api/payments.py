@@ -1,38 +1,34 @@
-"""/v1 endpoints that go through the payment provider: checkout, portal, plan changes,
-cancellation, and the webhook events' admin view."""
+"""/v1 endpoints of the billing flows: billing links to the billing pages, checkout,
+portal, plan changes, cancellation, and the webhook events' admin view."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from urllib.parse import quote
 
-from billing_core.billing import payments, webhooks
+from billing_core.billing import payments, tenants, webhooks
 from billing_core.billing.provider import BillingAdapter
+from billing_core.errors import Unavailable
 from control_plane.api import schemas as s
 from control_plane.api.routing import Call, Endpoint
+from control_plane.ui.web import Pages
 
 
 @dataclass(frozen=True, slots=True)
 class Urls:
-    """Where the provider sends the browser back: the control plane's own pages."""
+    """Where the provider sends the browser back: the control plane's own billing pages
+    (which show the tenant of the browser's billing session, never one named in a URL)."""
 
     public_base_url: str
 
-    def success(self, tenant_id: str) -> str:
-        return (
-            f"{self.public_base_url}/billing/return?tenant={quote(tenant_id, safe='')}"
-            "&session_id={CHECKOUT_SESSION_ID}"
-        )
+    def success(self) -> str:
+        return f"{self.public_base_url}/billing/return?session_id={{CHECKOUT_SESSION_ID}}"
 
-    def cancel(self, tenant_id: str) -> str:
-        return (
-            f"{self.public_base_url}/billing/plans?tenant={quote(tenant_id, safe='')}"
-            "&checkout=canceled"
-        )
+    def cancel(self) -> str:
+        return f"{self.public_base_url}/billing/plans?checkout=canceled"
 
-    def portal_return(self, tenant_id: str) -> str:
-        return f"{self.public_base_url}/billing?tenant={quote(tenant_id, safe='')}&from=portal"
+    def portal_return(self) -> str:
+        return f"{self.public_base_url}/billing?from=portal"
 
 
 def _adapter(call: Call) -> BillingAdapter:
@@ -48,12 +44,27 @@ def _grace(call: Call) -> timedelta:
     return timedelta(days=call.settings.past_due_grace_days)
 
 
+async def create_billing_link(call: Call) -> s.BillingLink:
+    """A signed link that opens the tenant's billing pages (for the platform to hand its
+    user); the grant is in the audit log."""
+    b: s.BillingLinkCreate = call.body
+    pages: Pages = call.request.app.state.pages
+    if pages.signer is None:
+        raise Unavailable("billing links need BILLING_LINK_SECRET (32 characters or more)")
+    expires_at = call.now + timedelta(seconds=b.expires_in_seconds)
+    tenant = await tenants.grant_billing_access(
+        call.uow, call.actor, call.path["tenant_id"], expires_at, call.now
+    )
+    url = pages.billing_link(tenant.tenant_id, b.return_url, expires_at)
+    return s.BillingLink(url=url, expires_at=expires_at)
+
+
 async def create_checkout(call: Call) -> s.SessionLink:
     b: s.CheckoutCreate = call.body
     tenant_id = call.path["tenant_id"]
     link = await payments.start_checkout(
         call.uow, _adapter(call), call.actor, tenant_id, b.plan_id, call.now,
-        success_url=_urls(call).success(tenant_id), cancel_url=_urls(call).cancel(tenant_id),
+        success_url=_urls(call).success(), cancel_url=_urls(call).cancel(),
     )  # fmt: skip
     return s.SessionLink(session_id=link.session_id, url=link.url)
 
@@ -61,7 +72,7 @@ async def create_checkout(call: Call) -> s.SessionLink:
 async def create_portal(call: Call) -> s.SessionLink:
     tenant_id = call.path["tenant_id"]
     link = await payments.open_portal(
-        call.uow, _adapter(call), tenant_id, return_url=_urls(call).portal_return(tenant_id)
+        call.uow, _adapter(call), tenant_id, return_url=_urls(call).portal_return()
     )
     return s.SessionLink(session_id=link.session_id, url=link.url)
 
@@ -99,6 +110,12 @@ async def reprocess_webhook_event(call: Call) -> s.WebhookEvent:
 
 T = "/v1/tenants/{tenant_id}"
 ENDPOINTS: list[Endpoint] = [
+    Endpoint("POST", T + "/billing-links", "create_billing_link",
+             "A link that opens the tenant's billing pages", "billing", create_billing_link,
+             s.BillingLink, body=s.BillingLinkCreate, status=201, errors=(404, 503),
+             description="The platform sends its signed-in user to `url`: the link opens a "
+             "session on the billing pages for this tenant only (12 hours by default). The "
+             "link itself expires after `expires_in_seconds`."),
     Endpoint("POST", T + "/checkout-sessions", "create_checkout_session",
              "Start a hosted checkout for a paid plan", "billing", create_checkout,
              s.SessionLink, body=s.CheckoutCreate, status=201, errors=(404, 409, 503),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AwareDatetime,
@@ -13,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
 )
 
 INT64_MAX = 2**63 - 1
@@ -351,6 +353,31 @@ class EmptyBody(Body):
     pass
 
 
+class BillingLinkCreate(Body):
+    return_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="where the billing pages' 'Back to the app' link leads (http or https)",
+    )
+    expires_in_seconds: int = Field(
+        default=900, ge=60, le=86_400, description="how long the link may be opened"
+    )
+
+    @field_validator("return_url")
+    @classmethod
+    def _web_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("return_url must be an http or https address")
+        return value
+
+
+class BillingLink(Out):
+    url: str = Field(description="send the user's browser here: it opens the billing pages")
+    expires_at: datetime
+
+
 class SessionLink(Out):
     session_id: str
     url: str = Field(description="send the browser here")
@@ -368,6 +395,22 @@ class WebhookEvent(Out):
 
 class WebhookEventPage(Out):
     items: list[WebhookEvent]
+    next_cursor: str | None
+
+
+class AuditEntry(Out):
+    audit_id: int
+    actor: str = Field(description="the API key id (or 'cli', 'stripe', 'system')")
+    action: str
+    entity_type: str
+    entity_id: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    created_at: datetime
+
+
+class AuditEntryPage(Out):
+    items: list[AuditEntry]
     next_cursor: str | None
 
 
@@ -392,6 +435,13 @@ class RecordQuery(PageQuery):
 class PriceQuery(PageQuery):
     provider: Annotated[str, StringConstraints(max_length=128)] | None = None
     model: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+class AuditQuery(PageQuery):
+    actor: Annotated[str, StringConstraints(max_length=200)] | None = None
+    action: Annotated[str, StringConstraints(max_length=200)] | None = None
+    entity_type: Annotated[str, StringConstraints(max_length=200)] | None = None
+    entity_id: Annotated[str, StringConstraints(max_length=200)] | None = None
 
 
 class WebhookQuery(PageQuery):

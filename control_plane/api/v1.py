@@ -11,8 +11,16 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from billing_core.billing import plans, prices, subscriptions, tenants, usage, wallet
-from billing_core.billing.model import GrantSpec, PlanSpec, PlanView, PriceView, RecordFilter, quota
+from billing_core.billing import audit, plans, prices, subscriptions, tenants, usage, wallet
+from billing_core.billing.model import (
+    AuditFilter,
+    GrantSpec,
+    PlanSpec,
+    PlanView,
+    PriceView,
+    RecordFilter,
+    quota,
+)
 from billing_core.quota.engine import QuotaEngine
 from billing_core.quota.model import RECORD_FIELDS, UsageRecord
 from billing_core.quota.requests import UsageRequest
@@ -342,6 +350,15 @@ async def put_price(call: Call) -> s.ModelPrice:
     return s.ModelPrice.model_validate(view)
 
 
+async def list_audit_entries(call: Call) -> s.AuditEntryPage:
+    q: s.AuditQuery = call.query
+    flt = AuditFilter(q.actor, q.action, q.entity_type, q.entity_id)
+    page = await audit.list_entries(call.uow, flt, limit=q.limit, cursor=q.cursor)
+    return s.AuditEntryPage(
+        items=[s.AuditEntry.model_validate(e) for e in page.items], next_cursor=page.next_cursor
+    )
+
+
 T, P = "/v1/tenants/{tenant_id}", "/v1/plans/{plan_id}"
 ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/v1/plans", "list_plans", "List plans", "plans", list_plans,
@@ -393,4 +410,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("PUT", "/v1/model-prices/{provider}/{model}", "put_model_price",
              "Set a model's token price from a moment on", "prices", put_price,
              s.ModelPrice, body=s.ModelPricePut),
+    Endpoint("GET", "/v1/audit-log", "list_audit_entries",
+             "Who changed what, newest first (filter by actor, action, entity)", "audit",
+             list_audit_entries, s.AuditEntryPage, query=s.AuditQuery),
 ]  # fmt: skip

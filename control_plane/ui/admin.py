@@ -65,6 +65,10 @@ def admin_page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         pages: Pages = request.app.state.pages
         session = pages.admin_session(request)
+        if session is not None:
+            async with request.app.state.db.transaction() as uow:
+                if not await api_keys.key_is_live(uow, session.actor):
+                    session = None  # the key was revoked: its sessions end with it
         if session is None:
             return _see_other(f"/admin/login?next={quote(request.url.path, safe='/')}")
         if request.method == "POST":

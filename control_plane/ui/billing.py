@@ -137,6 +137,7 @@ class Frame:
     headline: str
     banners: list[Banner]
     form_token: str
+    back_url: str | None  # the platform's page the billing link named
 
     def context(self, **more: Any) -> dict[str, Any]:
         return {"frame": self, "f": self.formats, **more}
@@ -158,6 +159,7 @@ async def _frame(request: Request, session: BillingSession) -> Frame:
         f.headline(sub, now, _grace(pages)),
         banners(sub, f, now, _grace(pages)),
         pages.form_token(session.session_id),
+        session.return_url,
     )
 
 

@@ -25,7 +25,7 @@ from billing_core.db.unit_of_work import Database
 from billing_core.settings import Settings
 from control_plane.app import create_app as create_control_plane
 from stripe_emulator.app import create_app as create_emulator
-from tests.conftest import fresh_database
+from tests.conftest import LINK_SECRET, fresh_database
 
 EMULATOR_KEY = "sk_test_emulator_tests"
 
@@ -104,6 +104,7 @@ async def billing_stack(
         stripe_webhook_secret="whsec_" + secrets.token_hex(16),
         stripe_emulator_key=EMULATOR_KEY,
         stripe_webhook_url=f"http://127.0.0.1:{cp_port}/webhooks/stripe",
+        billing_link_secret=LINK_SECRET,
     )
     async with contextlib.AsyncExitStack() as stack:
         if emulator is None:

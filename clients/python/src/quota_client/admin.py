@@ -41,6 +41,8 @@ OPERATIONS: dict[str, tuple[str, str]] = {
     "create_wallet_grant": ("POST", "/v1/tenants/{tenant_id}/wallet/grants"),
     "list_model_prices": ("GET", "/v1/model-prices"),
     "put_model_price": ("PUT", "/v1/model-prices/{provider}/{model}"),
+    "list_audit_entries": ("GET", "/v1/audit-log"),
+    "create_billing_link": ("POST", "/v1/tenants/{tenant_id}/billing-links"),
     "create_checkout_session": ("POST", "/v1/tenants/{tenant_id}/checkout-sessions"),
     "create_portal_session": ("POST", "/v1/tenants/{tenant_id}/portal-sessions"),
     "change_subscription_plan": ("POST", "/v1/tenants/{tenant_id}/subscription/change"),
@@ -285,6 +287,17 @@ class AdminClient:
         return self._call("put_model_price", path={"provider": provider, "model": model}, json=body)
 
     # payments
+    def create_billing_link(
+        self, tenant_id: str, *, return_url: str | None = None, expires_in_seconds: int = 900
+    ) -> JSON:
+        """{url, expires_at}: send the signed-in user's browser to url to open the tenant's
+        billing pages (overview, plans, limits); the link expires, the session it opens
+        lasts hours."""
+        body: dict[str, Any] = {"expires_in_seconds": expires_in_seconds}
+        if return_url is not None:
+            body["return_url"] = return_url
+        return self._call("create_billing_link", path={"tenant_id": tenant_id}, json=body)
+
     def create_checkout_session(
         self, tenant_id: str, plan_id: str, *, idempotency_key: str | None = None
     ) -> JSON:
@@ -324,6 +337,27 @@ class AdminClient:
 
     def reprocess_webhook_event(self, event_id: str) -> JSON:
         return self._call("reprocess_webhook_event", path={"event_id": event_id})
+
+    # audit
+    def list_audit_entries(
+        self,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        entity_type: str | None = None,
+        entity_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JSON:
+        params = _params(
+            actor=actor,
+            action=action,
+            entity_type=entity_type,
+            entity_id=entity_id,
+            limit=limit,
+            cursor=cursor,
+        )
+        return self._call("list_audit_entries", params=params)
 
 
 class AsyncAdminClient:
