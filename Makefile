@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PY_PACKAGES := billing_core quota_service control_plane stripe_emulator clients/python/src/quota_client scripts tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint fmt proto check-generated bench clean
+.PHONY: help install run test test-browser screenshots lint fmt proto check-generated bench clean
 
 help: ## list the targets with one line each
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
@@ -40,8 +40,17 @@ proto: $(STAMP) ## regenerate the gRPC stubs (clients/python/src/quota) from pro
 check-generated: $(STAMP) ## fail when the committed stubs differ from a fresh generation
 	$(PY) scripts/gen_proto.py --check
 
-test: $(STAMP) lint check-generated ## all quality gates, then the whole test suite
+test: $(STAMP) lint check-generated ## all quality gates, then the whole test suite (the browser tests last)
 	$(PY) -m pytest
+	$(MAKE) test-browser
+
+test-browser: $(STAMP) ## the billing and admin pages in Debian's Chromium (apt-installs it when missing)
+	scripts/ensure_chromium.sh
+	$(PY) -m pytest tests/browser --screenshot only-on-failure --output .artifacts/browser
+
+screenshots: $(STAMP) ## render the main pages with demo data into docs/screenshots/
+	scripts/ensure_chromium.sh
+	$(PY) -m pytest tests/browser/screenshots.py --output .artifacts/screenshots
 
 bench: $(STAMP) ## benchmarks side by side with an echo server and the textbook implementation (README: Performance)
 	$(PY) -m bench

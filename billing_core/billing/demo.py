@@ -67,7 +67,11 @@ DEMO_PLANS: dict[str, PlanSpec] = {
             quota("tool_calls", "daily", 50_000),
             quota("media_processing", "monthly", 1_000),
         ),
-        wallet_grants=(GrantSpec("start", 20_000_000, 30), GrantSpec("renewal", 20_000_000, 30)),
+        wallet_grants=(
+            GrantSpec("start", 20_000_000, 30),
+            GrantSpec("renewal", 20_000_000, 30),
+            GrantSpec("upgrade", 10_000_000, 30),
+        ),
     ),
     "enterprise": PlanSpec(
         name="Enterprise",

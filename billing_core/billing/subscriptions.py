@@ -17,7 +17,7 @@ from billing_core.db.unit_of_work import UnitOfWork
 from billing_core.errors import Conflict
 from billing_core.ids import new_id
 from billing_core.rules.explain import explain_subscription
-from billing_core.rules.limits import SubscriptionStatus
+from billing_core.rules.limits import SubscriptionStatus, status_at
 
 # a subscription in one of these states is live: it is what the tenant has (and pays for)
 LIVE = ("trialing", "active", "past_due", "unpaid", "incomplete")
@@ -27,6 +27,8 @@ _STATUSES = {s.value for s in SubscriptionStatus}
 async def get_subscription(
     uow: UnitOfWork, tenant_id: str, now: datetime, grace: timedelta
 ) -> SubscriptionView:
+    """The tenant's current subscription as it stands at `now` (a trial past its end shows
+    as trial_expired before the expiry job has written so), explained in words."""
     await get_tenant(uow, tenant_id)
     current = await uow.tenants.current_subscription(tenant_id)
     if current is None:
@@ -34,8 +36,9 @@ async def get_subscription(
         return SubscriptionView(
             tenant_id, None, None, None, "none", None, None, None, False, None, None, explanation
         )
+    status = status_at(SubscriptionStatus(current.status), current.trial_end, now)
     explanation = explain_subscription(
-        status=SubscriptionStatus(current.status),
+        status=status,
         plan_name=current.plan_name,
         price_cents=current.price_cents,
         now=now,
@@ -51,7 +54,7 @@ async def get_subscription(
         current.subscription_id,
         current.plan_id,
         current.plan_name,
-        current.status,
+        status.value,
         current.trial_end,
         current.current_period_start,
         current.current_period_end,

@@ -206,15 +206,23 @@ async def get_event(uow: UnitOfWork, event_id: str) -> tuple[StoredEvent, dict[s
 
 
 async def reprocess(
-    db: Database, adapter: BillingAdapter, event_id: str, now: datetime
+    db: Database, adapter: BillingAdapter, actor: str, event_id: str, now: datetime
 ) -> StoredEvent:
     """Apply a stored event again (after fixing what made it fail); a processed event
-    stays as it is."""
+    stays as it is. Who asked, and how it went, is in the audit log."""
     async with db.transaction() as uow:
-        _, payload = await get_event(uow, event_id)
+        before, payload = await get_event(uow, event_id)
     event = adapter.parse_stored_event(payload)
     with contextlib.suppress(Exception):  # a new failure is recorded on the event itself
         await process(db, adapter, event, now)
     async with db.transaction() as uow:
         stored, _ = await get_event(uow, event_id)
+        await audit.record(
+            uow, actor=actor, action="webhook.reprocess", entity_type="webhook_event",
+            entity_id=event_id, before=_outcome(before), after=_outcome(stored), now=now,
+        )  # fmt: skip
     return stored
+
+
+def _outcome(event: StoredEvent) -> dict[str, object]:
+    return {"status": event.status, "attempts": event.attempts, "last_error": event.last_error}

@@ -63,14 +63,20 @@ class Access:
     past_due_since: datetime | None = None
 
 
+def status_at(
+    status: SubscriptionStatus, trial_end: datetime | None, now: datetime
+) -> SubscriptionStatus:
+    """The status as it stands at `now`: a trial past its end has expired, whether or not
+    the job that writes so has run yet."""
+    if status is SubscriptionStatus.TRIALING and trial_end is not None and now >= trial_end:
+        return SubscriptionStatus.TRIAL_EXPIRED
+    return status
+
+
 def access_reason(access: Access, now: datetime, grace: timedelta) -> Reason:
     """ALLOWED when the subscription lets the tenant use its plan at `now`."""
-    status = access.status
-    if status is SubscriptionStatus.ACTIVE:
-        return Reason.ALLOWED
-    if status is SubscriptionStatus.TRIALING:
-        if access.trial_end is not None and now >= access.trial_end:
-            return Reason.TRIAL_EXPIRED
+    status = None if access.status is None else status_at(access.status, access.trial_end, now)
+    if status is SubscriptionStatus.ACTIVE or status is SubscriptionStatus.TRIALING:
         return Reason.ALLOWED
     if status is SubscriptionStatus.TRIAL_EXPIRED:
         return Reason.TRIAL_EXPIRED

@@ -104,7 +104,9 @@ async def list_webhook_events(call: Call) -> s.WebhookEventPage:
 
 
 async def reprocess_webhook_event(call: Call) -> s.WebhookEvent:
-    stored = await webhooks.reprocess(call.db, _adapter(call), call.path["event_id"], call.now)
+    stored = await webhooks.reprocess(
+        call.db, _adapter(call), call.actor, call.path["event_id"], call.now
+    )
     return s.WebhookEvent.model_validate(stored)
 
 

@@ -189,6 +189,9 @@ class Subscription(Out):
     stripe_customer_id: str | None
     stripe_subscription_id: str | None
     explanation: str = Field(description="the state in one or two plain sentences")
+    past_due_since: datetime | None = Field(
+        default=None, description="when the failed payment happened (past_due only)"
+    )
 
 
 class SubscriptionPut(Body):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -26,7 +27,7 @@ from billing_core.billing import (
     wallet,
     webhooks,
 )
-from billing_core.billing.model import AuditFilter, PriceView, quota
+from billing_core.billing.model import AuditFilter, PlanView, PriceView, quota
 from billing_core.db.unit_of_work import Database
 from billing_core.errors import InvalidRequest, NotFound, QuotaError
 from billing_core.quota.engine import QuotaEngine
@@ -55,7 +56,7 @@ class Admin:
         self.session = session
         self.now = self.pages.clock.now()
         self.form_token = self.pages.form_token(session.session_id)
-        self.formats = Formats(self.pages.locale(request), "UTC")
+        self.formats = Formats(self.pages.locale(request), "UTC", self.now)
 
     def render(self, request: Request, template: str, status: int = 200, **ctx: Any) -> Response:
         return self.pages.render(request, template, status, admin=self, f=self.formats, **ctx)
@@ -103,8 +104,10 @@ async def login(request: Request) -> Response:
     if pages.signer is None:
         return pages.render(request, "admin/login.html", 503, unavailable=True)
     error = ""
+    target = _next(request)
     if request.method == "POST":
         form = await request.form()
+        target = _next(request, form)
         login_id = request.cookies.get(LOGIN_COOKIE, "")
         if not pages.form_token_valid(login_id, form.get("csrf")):
             return pages.forbidden(request)
@@ -114,7 +117,7 @@ async def login(request: Request) -> Response:
             async with request.app.state.db.transaction() as uow:
                 actor = await api_keys.verify_api_key(uow, key)
         if actor is not None:
-            response = pages.open_admin_session(request, actor, _next(request, form))
+            response = pages.open_admin_session(request, actor, target)
             response.delete_cookie(LOGIN_COOKIE, path="/admin")
             return response
         error = "That key is not a valid admin API key."
@@ -125,7 +128,7 @@ async def login(request: Request) -> Response:
         401 if error else 200,
         error=error,
         form_token=pages.form_token(login_id),
-        next=_next(request),
+        next=target,
     )
     response.set_cookie(
         LOGIN_COOKIE, login_id, max_age=3600, path="/admin", httponly=True, samesite="lax"
@@ -161,7 +164,7 @@ def _plan_form(
     values: dict[str, Any],
     errors: forms.FormErrors,
     *,
-    plan_id: str | None,
+    plan: PlanView | None = None,
     status: int = 200,
 ) -> Response:
     return admin.render(
@@ -170,19 +173,19 @@ def _plan_form(
         status,
         values=values,
         errors=errors,
-        plan_id=plan_id,
+        plan_id=plan.plan_id if plan else None,
+        plan=plan,
         rows=forms.row_count(values),
         periods=PERIODS,
         resources=RESOURCES,
         default_warn=", ".join(str(t) for t in DEFAULT_WARN_AT),
+        notice=request.query_params.get("notice", "") if status == 200 else "",
     )
 
 
 async def plan_new(request: Request, session: AdminSession, admin: Admin) -> Response:
     if request.method == "GET":
-        return _plan_form(
-            request, admin, forms.plan_form_values(None), forms.FormErrors(), plan_id=None
-        )
+        return _plan_form(request, admin, forms.plan_form_values(None), forms.FormErrors())
     form = await request.form()
     spec, errors = forms.read_plan(form)
     plan_id = str(form.get("plan_id", "")).strip() or None
@@ -193,7 +196,7 @@ async def plan_new(request: Request, session: AdminSession, admin: Admin) -> Res
             return _see_other(f"/admin/plans/{view.plan_id}?notice=created")
         except QuotaError as exc:
             errors = forms.refusal(errors, exc.message)
-    return _plan_form(request, admin, forms.echo(form), errors, plan_id=None, status=422)
+    return _plan_form(request, admin, forms.echo(form), errors, status=422)
 
 
 async def plan_edit(request: Request, session: AdminSession, admin: Admin) -> Response:
@@ -201,41 +204,15 @@ async def plan_edit(request: Request, session: AdminSession, admin: Admin) -> Re
     async with admin.db.transaction() as uow:
         current = await plans.get_plan(uow, plan_id)
     if request.method == "GET":
-        return admin.render(
-            request,
-            "admin/plan_form.html",
-            values=forms.plan_form_values(current.spec),
-            errors=forms.FormErrors(),
-            plan_id=plan_id,
-            plan=current,
-            rows=forms.row_count(forms.plan_form_values(current.spec)),
-            periods=PERIODS,
-            resources=RESOURCES,
-            default_warn=", ".join(str(t) for t in DEFAULT_WARN_AT),
-            notice=request.query_params.get("notice", ""),
-        )
+        values = forms.plan_form_values(current.spec)
+        return _plan_form(request, admin, values, forms.FormErrors(), plan=current)
     form = await request.form()
     spec, errors = forms.read_plan(form)
     if spec is not None:
         changes = {
-            name: getattr(spec, name)
-            for name in (
-                "name",
-                "description",
-                "price_cents",
-                "currency",
-                "interval",
-                "stripe_price_id",
-                "active",
-                "trial",
-                "trial_days",
-                "priority",
-                "enterprise",
-                "unlimited",
-                "quotas",
-                "wallet_grants",
-            )
-            if getattr(spec, name) != getattr(current.spec, name)
+            f.name: getattr(spec, f.name)
+            for f in fields(spec)
+            if getattr(spec, f.name) != getattr(current.spec, f.name)
         }
         try:
             async with admin.db.transaction() as uow:
@@ -243,20 +220,7 @@ async def plan_edit(request: Request, session: AdminSession, admin: Admin) -> Re
             return _see_other(f"/admin/plans/{plan_id}?notice=saved")
         except QuotaError as exc:
             errors = forms.refusal(errors, exc.message)
-    values = forms.echo(form)
-    return admin.render(
-        request,
-        "admin/plan_form.html",
-        422,
-        values=values,
-        errors=errors,
-        plan_id=plan_id,
-        plan=current,
-        rows=forms.row_count(values),
-        periods=PERIODS,
-        resources=RESOURCES,
-        default_warn=", ".join(str(t) for t in DEFAULT_WARN_AT),
-    )
+    return _plan_form(request, admin, forms.echo(form), errors, plan=current, status=422)
 
 
 async def plan_archive(request: Request, session: AdminSession, admin: Admin) -> Response:
@@ -345,7 +309,7 @@ async def tenant_page(request: Request, session: AdminSession, admin: Admin) -> 
             uow, AuditFilter(entity_type="tenant", entity_id=tenant_id), limit=20, cursor=None
         )
     report = await admin.engine.usage(UsageRequest(tenant_id))
-    f = Formats(admin.formats.locale, tenant.timezone)
+    f = Formats(admin.formats.locale, tenant.timezone, admin.now)
     return admin.render(
         request,
         "admin/tenant.html",
@@ -449,7 +413,9 @@ async def webhook_list(request: Request, session: AdminSession, admin: Admin) ->
 async def webhook_page(request: Request, session: AdminSession, admin: Admin) -> Response:
     event_id = request.path_params["event_id"]
     if request.method == "POST":
-        await webhooks.reprocess(admin.db, request.app.state.billing, event_id, admin.now)
+        await webhooks.reprocess(
+            admin.db, request.app.state.billing, session.actor, event_id, admin.now
+        )
         return _see_other(f"/admin/webhooks/{quote(event_id)}?notice=reprocessed")
     async with admin.db.transaction() as uow:
         event, payload = await webhooks.get_event(uow, event_id)

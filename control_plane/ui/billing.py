@@ -24,6 +24,7 @@ from billing_core.errors import Conflict, NotFound, QuotaError
 from billing_core.quota.answers import UsageReport
 from billing_core.quota.engine import QuotaEngine
 from billing_core.quota.requests import ConsumeRequest, UsageRequest
+from billing_core.rules.limits import Reason
 from billing_core.rules.resources import validate_resource
 from control_plane.ui import formatting as fmt
 from control_plane.ui.charts import daily_bars
@@ -150,7 +151,7 @@ async def _frame(request: Request, session: BillingSession) -> Frame:
         tenant = await tenants.get_tenant(uow, session.tenant_id)
         sub = await subscriptions.get_subscription(uow, tenant.tenant_id, now, _grace(pages))
         plan = await plans.get_plan(uow, sub.plan_id) if sub.plan_id else None
-    f = fmt.Formats(pages.locale(request), tenant.timezone)
+    f = fmt.Formats(pages.locale(request), tenant.timezone, now)
     return Frame(
         tenant,
         sub,
@@ -185,9 +186,10 @@ async def overview(request: Request, session: BillingSession) -> Response:
             _days_of(days, resource),
             first,
             CHART_DAYS,
-            fmt.resource_name(resource),
+            "bytes of storage" if resource == "storage" else fmt.resource_name(resource),
+            frame.formats.short_day,
         )
-        for resource in sorted({r.resource for r in report.resources} | {d.resource for d in days})
+        for resource in sorted({d.resource for d in days if d.amount})  # those with usage
     }
     grants = sorted(
         (g for g in purse.grants if not g.expired and g.remaining_micros > 0),
@@ -450,6 +452,9 @@ async def limit_page(request: Request, session: BillingSession) -> Response:
     return pages.render(
         request,
         "billing/limit.html",
+        title=_LIMIT_TITLES.get(probe.reason, "{} limit reached").format(
+            fmt.resource_name(resource).capitalize()
+        ),
         **frame.context(
             resource=resource,
             name=fmt.resource_name(resource),
@@ -460,6 +465,16 @@ async def limit_page(request: Request, session: BillingSession) -> Response:
             now=pages.clock.now(),
         ),
     )
+
+
+_LIMIT_TITLES = {
+    Reason.ALLOWED: "{}: within your limits",
+    Reason.NO_ACTIVE_SUBSCRIPTION: "No active plan",
+    Reason.TRIAL_EXPIRED: "Your trial has ended",
+    Reason.PAYMENT_PAST_DUE: "Payment overdue",
+    Reason.RESOURCE_NOT_IN_PLAN: "{} are not in your plan",
+    Reason.INSUFFICIENT_CREDITS: "Not enough credits",
+}
 
 
 def _see_other(url: str) -> Response:

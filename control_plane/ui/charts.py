@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, timedelta
 from html import escape
 
@@ -12,10 +12,16 @@ WIDTH, HEIGHT, GAP = 600, 120, 2
 
 
 def daily_bars(
-    title: str, days: Sequence[tuple[date, int]], first: date, count: int, label: str
+    title: str,
+    days: Sequence[tuple[date, int]],
+    first: date,
+    count: int,
+    label: str,
+    day_name: Callable[[date], str] = date.isoformat,
 ) -> Markup:
     """`count` days from `first`; a day missing from `days` had no usage. The bars carry
-    their day and amount as a tooltip, and the picture its summary as an accessible name."""
+    their day (as `day_name` writes it) and amount as a tooltip, and the picture its
+    summary as an accessible name."""
     by_day = dict(days)
     values = [by_day.get(first + timedelta(n), 0) for n in range(count)]
     top = max(max(values), 1)
@@ -32,12 +38,12 @@ def daily_bars(
         day = first + timedelta(n)
         parts.append(
             f'<rect x="{n * bar + GAP / 2:.1f}" y="{HEIGHT - height}" width="{bar - GAP:.1f}" '
-            f'height="{height}"><title>{day.isoformat()}: {value:,} {escape(label)}'
+            f'height="{height}"><title>{escape(day_name(day))}: {value:,} {escape(label)}'
             "</title></rect>"
         )
     parts.append(
-        f'<text x="0" y="{HEIGHT + 13}" class="tick">{first.isoformat()}</text>'
+        f'<text x="0" y="{HEIGHT + 13}" class="tick">{escape(day_name(first))}</text>'
         f'<text x="{WIDTH}" y="{HEIGHT + 13}" class="tick end">'
-        f"{(first + timedelta(count - 1)).isoformat()}</text></svg>"
+        f"{escape(day_name(first + timedelta(count - 1)))}</text></svg>"
     )
     return Markup("".join(parts))  # noqa: S704 - every value above is escaped or a number

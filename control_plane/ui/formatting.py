@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from babel import Locale
@@ -33,6 +33,20 @@ _WINDOW = {
 }
 
 
+_BYTE_UNITS = ("bytes", "kB", "MB", "GB", "TB", "PB")
+_SINGULAR = {
+    "tokens": "token",
+    "messages": "message",
+    "agents": "agent",
+    "bots": "bot",
+    "boards": "board",
+    "companions": "companion",
+    "files": "file",
+    "research_runs": "research run",
+    "tool_calls": "tool call",
+}
+
+
 def negotiate_locale(accept_language: str) -> str:
     """The reader's English (dates and money are written the way they read them)."""
     wanted = [part.split(";")[0].strip().replace("-", "_") for part in accept_language.split(",")]
@@ -46,6 +60,7 @@ class Formats:
 
     locale: str
     timezone: str
+    today: datetime  # the reader's now: a date in another year shows its year
 
     @property
     def zone(self) -> ZoneInfo:
@@ -70,14 +85,38 @@ class Formats:
     def number(self, value: int) -> str:
         return format_decimal(value, locale=self.locale)
 
+    def measure(self, resource: str, value: int) -> str:
+        """An amount of a resource as a figure: bytes of storage in kB/MB/GB (decimal),
+        anything else as a number."""
+        if resource != "storage":
+            return self.number(value)
+        size, step = float(value), 0
+        while abs(size) >= 1000 and step < len(_BYTE_UNITS) - 1:
+            size, step = size / 1000, step + 1
+        return f"{format_decimal(size, '#,##0.#', locale=self.locale)} {_BYTE_UNITS[step]}"
+
+    def quantity(self, resource: str, value: int) -> str:
+        """'1 agent', '1,000 messages', '5 GB of storage'."""
+        if resource == "storage":
+            return f"{self.measure(resource, value)} of storage"
+        name = resource_name(resource)
+        noun = _SINGULAR.get(resource, name) if value == 1 else name
+        return f"{self.number(value)} {noun}"
+
     def day(self, at: datetime) -> str:
         """'3 January' (or 'January 3'), with the year when it is not this year's."""
         local = at.astimezone(self.zone)
-        now = datetime.now(self.zone)
+        now = self.today.astimezone(self.zone)
         pattern = "d MMMM" if local.year == now.year else "d MMMM y"
         if self.locale in ("en_US", "en_CA"):
             pattern = "MMMM d" if local.year == now.year else "MMMM d, y"
         return format_date(local, pattern, locale=self.locale)
+
+    def short_day(self, day: date) -> str:
+        """'3 Jan' (or 'Jan 3'): a day on a chart."""
+        return format_date(
+            day, "MMM d" if self.locale in ("en_US", "en_CA") else "d MMM", locale=self.locale
+        )
 
     def moment(self, at: datetime) -> str:
         return format_datetime(at, "medium", tzinfo=self.zone, locale=self.locale)
@@ -152,7 +191,7 @@ def resource_name(resource: str) -> str:
 
 def limit_in_words(q: Quota, f: Formats) -> str:
     """'200,000 tokens a day, then paid from credits'."""
-    text = f"{f.number(q.limit)} {resource_name(q.resource)} {_PER[q.period]}"
+    text = f"{f.quantity(q.resource, q.limit)} {_PER[q.period]}"
     return text + (", then paid from credits" if q.overage is Overage.WALLET else "")
 
 
@@ -181,6 +220,6 @@ def plan_gains(plan: PlanSpec, below: PlanSpec | None, f: Formats) -> list[str]:
         elif was is not None and q.limit > was.limit:
             gains.append(
                 f"More {resource_name(q.resource)} {_PER[q.period]}: "
-                f"{f.number(q.limit)} instead of {f.number(was.limit)}"
+                f"{f.measure(q.resource, q.limit)} instead of {f.measure(q.resource, was.limit)}"
             )
     return gains

@@ -52,6 +52,8 @@ class Pages:
             trim_blocks=True,
             lstrip_blocks=True,
         )
+        # Jinja's own `capitalize` lowercases the rest ("europe/berlin"): this one does not
+        self.env.filters["sentence"] = lambda text: str(text)[:1].upper() + str(text)[1:]
 
     # --- rendering -------------------------------------------------------------------
 

@@ -36,7 +36,9 @@ async def test_a_link_opens_a_session_for_its_tenant_only(
     assert r.status_code == 201, r.text
     link = r.json()
     expires_at = datetime.fromisoformat(link["expires_at"])
-    assert before + timedelta(seconds=599) <= expires_at <= datetime.now(UTC) + timedelta(seconds=600)
+    assert (
+        before + timedelta(seconds=599) <= expires_at <= datetime.now(UTC) + timedelta(seconds=600)
+    )
     assert link["url"].startswith(f"{control_plane.url}/billing/session?token=")
     assert len(await _link_audits(api, tenant)) == 1
 

@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 
 from billing_core.billing.api_keys import create_api_key
+from billing_core.clock import Clock
 from billing_core.db.pool import open_pool
 from billing_core.db.unit_of_work import Database
 from billing_core.settings import Settings
@@ -93,10 +94,15 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def billing_stack(
-    database_url: str, *, emulator: Starlette | None = None, emulator_url: str = ""
+    database_url: str,
+    *,
+    emulator: Starlette | None = None,
+    emulator_url: str = "",
+    clock: Clock | None = None,
 ) -> AsyncIterator[Stack]:
-    """A control plane on `database_url`; a new emulator unless one is given (two control
-    planes can share one emulator, as two deployments share one Stripe account)."""
+    """A control plane on `database_url` (on `clock`, the system's unless given); a new
+    emulator unless one is given (two control planes can share one emulator, as two
+    deployments share one Stripe account)."""
     cp_sock, cp_port = _socket()
     settings = Settings(
         database_url=database_url,
@@ -116,7 +122,7 @@ async def billing_stack(
             await stack.enter_async_context(serve(emulator, em_sock))
         em_port = int(emulator_url.rsplit(":", 1)[1])
         settings = settings.with_changes(stripe_emulator_port=em_port)
-        app = create_control_plane(settings)
+        app = create_control_plane(settings, clock)
         await stack.enter_async_context(serve(app, cp_sock))
         pool = await open_pool(database_url, 4)
         stack.push_async_callback(pool.close)

@@ -18,6 +18,7 @@ from billing_core.rules.limits import (
     crossed_thresholds,
     decide,
     denial_message,
+    status_at,
     window_state,
 )
 from billing_core.rules.periods import EPOCH, Window
@@ -58,6 +59,13 @@ ACCESS_CASES = [
 )
 def test_access_reason(access: Access, reason: Reason) -> None:
     assert access_reason(access, NOW, GRACE) is reason
+
+
+def test_the_status_at_a_moment_expires_a_trial_past_its_end() -> None:
+    assert status_at(S.TRIALING, NOW, NOW) is S.TRIAL_EXPIRED
+    assert status_at(S.TRIALING, NOW + timedelta(seconds=1), NOW) is S.TRIALING
+    assert status_at(S.TRIALING, None, NOW) is S.TRIALING
+    assert status_at(S.ACTIVE, NOW - timedelta(days=9), NOW) is S.ACTIVE
 
 
 def count(

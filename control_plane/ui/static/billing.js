@@ -6,6 +6,14 @@
   if (!note || !note.dataset.statusUrl) { return; }
   var url = note.dataset.statusUrl;
   var tries = 0;
+  function later(delay) {
+    if (tries < 120) {
+      setTimeout(check, delay);
+    } else {
+      note.textContent = "This takes longer than usual. Reload this page in a minute: " +
+        "your payment is safe and nothing is charged twice.";
+    }
+  }
   function check() {
     tries += 1;
     fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
@@ -16,11 +24,11 @@
           document.getElementById("active-headline").textContent = s.headline;
           document.getElementById("active").hidden = false;
           note.hidden = true;
-        } else if (tries < 120) {
-          setTimeout(check, 1000);
+        } else {
+          later(1000);
         }
       })
-      .catch(function () { if (tries < 120) { setTimeout(check, 2000); } });
+      .catch(function () { later(2000); });
   }
   check();
 }());
