@@ -2,7 +2,8 @@
 implementation, in one run, on this machine; results as ratios. Two floors (bench.servers)
 show at one call in flight what any durable call costs the same stack, without a target.
 
-    python -m bench                 # the full run (several minutes, 5M historic records)
+    python -m bench                 # the full run (several minutes, 5M historic records,
+                                    # a billing overview with 1M records)
     python -m bench --smoke         # seconds; what the test suite runs so this cannot rot
 
 All servers run from the start and every point is measured in each of several rounds, so
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import pages
 from bench.data import add_history, check_books, seed, vacuum
 from bench.measure import ROOT, Config, Server, drive, start_reference, start_sidecar
 from bench.report import (
@@ -56,6 +58,7 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
     names = [f"bp_bench_{os.getpid()}", f"bp_bench_{os.getpid()}_history"]
     url, history_url = (ensure_database(server_url, db_name) for db_name in names)
     servers: list[Server] = []
+    page_server: pages.PageServer | None = None
     rounds: list[list[Result]] = [[] for _ in range(cfg.rounds)]
     started = datetime.now(UTC)
     try:
@@ -63,6 +66,7 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
             upgrade(db)
             asyncio.run(seed(db, cfg.tenants))
         history_s = asyncio.run(add_history(history_url, cfg.history_rows))
+        page_s = asyncio.run(pages.add_page_tenants(history_url, cfg.page_rows))
         plan = [
             ("echo", ["hot", "10k-uniform"]),
             ("textbook", ["hot"]),
@@ -94,6 +98,8 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
         points.insert(hot + 1, (historian, "history", 64))
         vacuum(url)
         vacuum(history_url)
+        # the billing overview on the database with the history, after the sidecars' points
+        page_server = pages.start(history_url)
         for i, results in enumerate(rounds):
             for j, (server, scenario, n) in enumerate(points):
                 results.append(drive(server, scenario, n, cfg))
@@ -102,11 +108,18 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
                 if j + 1 == len(points) or points[j + 1][0] is not server:
                     # the next server starts where this one did: no cleanup mid-measurement
                     vacuum(history_url if server is historian else url)
+            results += pages.measure(page_server, cfg.page_renders)
+            print(f"  round {i + 1}  overview: " + ", ".join(
+                f"{r.scenario} {r.p50_ms:.1f} ms" for r in results[-2:]), flush=True)  # fmt: skip
+        page_server.stop()
+        page_server = None
         for server in servers:
             server.stop()
         books = [asyncio.run(check_books(db, started)) for db in (url, history_url)]
         correctness = {key: sum(abs(b[key]) for b in books) for key in books[0]}
     finally:
+        if page_server is not None:
+            page_server.stop()
         for server in servers:
             if server.process.poll() is None:
                 server.stop()
@@ -124,6 +137,9 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
         "rounds": cfg.rounds,
         "history_rows": cfg.history_rows,
         "history_insert_s": round(history_s, 1),
+        "page_rows": cfg.page_rows,
+        "page_insert_s": round(page_s, 1),
+        "page_renders": cfg.page_renders,
         "correctness": correctness,
     }
     rows, reference_rows = ratios(rounds), references(rounds)
@@ -150,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         cfg = Config(
-            seconds=0.3, warmup=0.1, history_rows=2_000, tenants=200, in_flight=(1, 8), rounds=2
-        )
+            seconds=0.3, warmup=0.1, history_rows=2_000, tenants=200, in_flight=(1, 8),
+            rounds=2, page_rows=2_000, page_renders=3,
+        )  # fmt: skip
     else:
         cfg = Config(seconds=4.0, warmup=1.0, history_rows=5_000_000, tenants=TENANTS, rounds=3)
     report = run(cfg, args.out, os.environ.get("DATABASE_URL", "").strip() or None)

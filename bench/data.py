@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 
@@ -71,6 +72,14 @@ async def seed(database_url: str, tenants: int) -> None:
             )
     finally:
         await db.close()
+
+
+async def wide_plan_id(conn: psycopg.AsyncConnection[Any]) -> str:
+    """The plan of the ten thousand tenants (no payment, one wide messages quota)."""
+    cur = await conn.execute("SELECT plan_id FROM plans WHERE name = 'bench-wide'")
+    row = await cur.fetchone()
+    assert row is not None, "seed() first"
+    return str(row[0])
 
 
 def vacuum(database_url: str) -> None:

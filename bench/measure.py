@@ -29,6 +29,8 @@ class Config:
     tenants: int
     in_flight: tuple[int, ...] = (1, 8, 64)
     rounds: int = 3
+    page_rows: int = 1_000_000  # the overview point's tenant with a history
+    page_renders: int = 40  # views of each overview per round
 
 
 @dataclass

@@ -33,7 +33,7 @@ from control_plane.api.routing import openapi_document, route
 from control_plane.stripe_adapter import StripeBillingAdapter
 from control_plane.ui import admin as admin_pages
 from control_plane.ui import billing as billing_pages
-from control_plane.ui.web import Pages, SecurityHeaders
+from control_plane.ui.web import PageHeaders, Pages
 from control_plane.webhooks import stripe_webhook
 
 log = structlog.get_logger()
@@ -121,7 +121,7 @@ def create_app(
         ],
         middleware=[
             Middleware(CountRequests, counter=requests_total),
-            Middleware(SecurityHeaders, frame_ancestors=settings.billing_frame_ancestors),
+            Middleware(PageHeaders, frame_ancestors=settings.billing_frame_ancestors),
             Middleware(ApiKeyAuth),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},

@@ -14,9 +14,9 @@ from billing_core.errors import InvalidRequest
 from billing_core.quota.model import UsageRecord
 from billing_core.rules.periods import tenant_zone
 
-# a day is summed for good once it has been over this long: a transaction that decided a
-# call just before midnight may commit its record just after
-DAY_SETTLES_AFTER = timedelta(minutes=10)
+# records are summed for good once they are this old: a transaction that decided a call
+# may commit its record a moment after the time it carries
+SETTLES_AFTER = timedelta(minutes=10)
 
 
 async def list_records(
@@ -66,28 +66,48 @@ async def daily_usage(
     uow: UnitOfWork, tenant_id: str, timezone: str, now: datetime, days: int = 30
 ) -> list[DayOfUsage]:
     """The last `days` days of usage (today included), per resource and day in the tenant's
-    timezone. Completed days are summed from the records once and kept (usage_daily);
-    afterwards only the records of the days not yet settled are read, never the history."""
+    timezone. The days are summed from the records once, as they go (usage_daily, up to
+    each day's mark); a call reads those rows and the records of the last minutes, never
+    the history, and sums more only when the marks have fallen behind."""
     zone = tenant_zone(timezone)
     today = now.astimezone(zone).date()
     first = today - timedelta(days=days - 1)
-    settled = today - timedelta(days=1 if now - _midnight(today, zone) >= DAY_SETTLES_AFTER else 2)
-    found = await uow.usage.summed_days(tenant_id, first, settled) if settled >= first else []
-    have = {d.day for d in found}
-    missing = [
-        day for n in range((settled - first).days + 1) if (day := first + timedelta(n)) not in have
-    ]
-    if missing:
-        summed = await uow.usage.sum_days(
-            tenant_id, _midnight(missing[0], zone), _midnight(missing[-1], zone, 1), timezone
-        )
-        fresh = [d for d in summed if d.day in set(missing)]
-        # an empty day is kept too (resource ''): it is not summed again
-        await uow.usage.keep_days(tenant_id, fresh + [DayOfUsage("", d, 0, 0) for d in missing])
-        found += fresh
-    since = _midnight(max(settled, first - timedelta(1)), zone, 1)
-    found += await uow.usage.sum_days(tenant_id, since, now + timedelta(days=1), timezone)
-    return sorted((d for d in found if d.resource), key=lambda d: (d.resource, d.day))
+    kept, marks = await uow.usage.summed_days(tenant_id, first, today)
+    summed = _summed_through(marks, first, today, zone)
+    cut = now - SETTLES_AFTER  # every record before this is written
+    if summed < cut - SETTLES_AFTER:
+        await uow.usage.lock_rollup(tenant_id)
+        kept, marks = await uow.usage.summed_days(tenant_id, first, today)  # now, locked
+        summed = _summed_through(marks, first, today, zone)
+        if summed < cut:
+            added = await uow.usage.sum_days(tenant_id, summed, cut, timezone)
+            day, moved = summed.astimezone(zone).date(), {}
+            while day <= today and _midnight(day, zone) < cut:
+                moved[day] = min(_midnight(day, zone, 1), cut)
+                day += timedelta(days=1)
+            await uow.usage.add_days(tenant_id, added, moved)
+            kept, summed = kept + added, cut
+    recent = await uow.usage.sum_days(tenant_id, summed, now + timedelta(days=1), timezone)
+    totals: dict[tuple[str, date], tuple[int, int]] = {}
+    for d in (*kept, *recent):
+        if first <= d.day <= today:
+            amount, cost = totals.get((d.resource, d.day), (0, 0))
+            totals[d.resource, d.day] = (amount + d.amount, cost + d.cost_micros)
+    return [DayOfUsage(r, day, a, c) for (r, day), (a, c) in sorted(totals.items())]
+
+
+def _summed_through(marks: dict[date, datetime], first: date, last: date, zone: tzinfo) -> datetime:
+    """The moment up to which every record since `first` began is in usage_daily."""
+    day = first
+    while day <= last:
+        end = _midnight(day, zone, 1)
+        mark = marks.get(day)
+        if mark is None:
+            return _midnight(day, zone)
+        if mark < end:
+            return mark
+        day += timedelta(days=1)
+    return _midnight(last, zone, 1)
 
 
 def _midnight(day: date, zone: tzinfo, plus_days: int = 0) -> datetime:

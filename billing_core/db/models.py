@@ -257,9 +257,9 @@ class UsageRecord(Base):
 
 
 class UsageDaily(Base):
-    """A completed day of a tenant's usage of a resource (a day in the tenant's timezone),
-    summed from its records the first time a chart asks for it: records never change, so
-    neither does a day once it is over. Charts read these instead of the history."""
+    """A day of a tenant's usage of a resource (a day in the tenant's timezone), summed
+    from its records up to the day's mark (usage_daily_marks). Records never change, so a
+    day once summed stays summed. Charts read these instead of the history."""
 
     __tablename__ = "usage_daily"
 
@@ -268,6 +268,17 @@ class UsageDaily(Base):
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     amount: Mapped[int] = mapped_column(BigInteger)
     cost_micros: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageDailyMark(Base):
+    """How far a day of a tenant's usage is summed into usage_daily: the day's end once
+    it is over, else a moment of today (the records after it are read as they are)."""
+
+    __tablename__ = "usage_daily_marks"
+
+    tenant_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    summed_until: Mapped[datetime] = mapped_column(TS)
 
 
 class Reservation(Base):

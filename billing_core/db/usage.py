@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import date, datetime
 from typing import Any
 
@@ -55,15 +55,30 @@ class UsageRepository:
         )
         return [UsageRecord(*r) for r in await cur.fetchall()]
 
-    async def summed_days(self, tenant_id: str, first: date, last: date) -> list[DayOfUsage]:
-        """The days from `first` to `last` already summed (a day with no usage has a row
-        for the resource '' and nothing else)."""
+    async def summed_days(
+        self, tenant_id: str, first: date, last: date
+    ) -> tuple[list[DayOfUsage], dict[date, datetime]]:
+        """The rows of the days from `first` to `last` summed so far, and how far each day
+        is summed (its mark; a day without one is not summed at all)."""
         cur = await self._conn.execute(
             "SELECT resource, day, amount, cost_micros FROM usage_daily"
             " WHERE tenant_id = %s AND day BETWEEN %s AND %s ORDER BY day, resource",
             (tenant_id, first, last),
         )
-        return [DayOfUsage(*r) for r in await cur.fetchall()]
+        rows = [DayOfUsage(*r) for r in await cur.fetchall()]
+        cur = await self._conn.execute(
+            "SELECT day, summed_until FROM usage_daily_marks"
+            " WHERE tenant_id = %s AND day BETWEEN %s AND %s",
+            (tenant_id, first, last),
+        )
+        return rows, {day: until for day, until in await cur.fetchall()}
+
+    async def lock_rollup(self, tenant_id: str) -> None:
+        """One transaction at a time sums this tenant's days (until this one ends)."""
+        await self._conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"usage_daily\x1f{tenant_id}",),
+        )
 
     async def sum_days(
         self, tenant_id: str, since: datetime, until: datetime, timezone: str
@@ -78,22 +93,34 @@ class UsageRepository:
         )
         return [DayOfUsage(*r) for r in await cur.fetchall()]
 
-    async def keep_days(self, tenant_id: str, days: Sequence[DayOfUsage]) -> None:
-        """Keep summed days (once: a day summed twice sums the same)."""
-        if not days:
-            return
-        await self._conn.execute(
-            "INSERT INTO usage_daily (tenant_id, resource, day, amount, cost_micros)"
-            " SELECT %s, r, d, a, c FROM unnest(%s::text[], %s::date[], %s::bigint[],"
-            " %s::bigint[]) AS u(r, d, a, c) ON CONFLICT DO NOTHING",
-            (
-                tenant_id,
-                [d.resource for d in days],
-                [d.day for d in days],
-                [d.amount for d in days],
-                [d.cost_micros for d in days],
-            ),
-        )
+    async def add_days(
+        self, tenant_id: str, sums: Sequence[DayOfUsage], marks: Mapping[date, datetime]
+    ) -> None:
+        """Add sums to the days' rows and move the days' marks (under lock_rollup: the
+        sums must be of the records between the old marks and the new)."""
+        if sums:
+            await self._conn.execute(
+                "INSERT INTO usage_daily AS d (tenant_id, resource, day, amount, cost_micros)"
+                " SELECT %s, r, day, a, c FROM unnest(%s::text[], %s::date[], %s::bigint[],"
+                " %s::bigint[]) AS u(r, day, a, c) ON CONFLICT (tenant_id, resource, day)"
+                " DO UPDATE SET amount = d.amount + excluded.amount,"
+                " cost_micros = d.cost_micros + excluded.cost_micros",
+                (
+                    tenant_id,
+                    [d.resource for d in sums],
+                    [d.day for d in sums],
+                    [d.amount for d in sums],
+                    [d.cost_micros for d in sums],
+                ),
+            )
+        if marks:
+            await self._conn.execute(
+                "INSERT INTO usage_daily_marks (tenant_id, day, summed_until)"
+                " SELECT %s, day, until FROM unnest(%s::date[], %s::timestamptz[])"
+                " AS u(day, until) ON CONFLICT (tenant_id, day)"
+                " DO UPDATE SET summed_until = excluded.summed_until",
+                (tenant_id, list(marks), list(marks.values())),
+            )
 
     async def notifications(
         self, tenant_id: str, *, before: int | None, limit: int

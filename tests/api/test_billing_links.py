@@ -58,6 +58,7 @@ async def test_a_link_opens_a_session_for_its_tenant_only(
     assert overview.headers["x-content-type-options"] == "nosniff"
     assert overview.headers["referrer-policy"] == "same-origin"
     assert overview.headers["cache-control"] == "no-store"
+    assert float(overview.headers["server-timing"].removeprefix("app;dur=")) > 0
 
 
 async def test_tampered_expired_and_foreign_tokens_open_nothing(
