@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,25 @@ def _wait_for_grpc(address: str, timeout_s: float) -> bool:
     return False
 
 
+def _demo_billing_link(base_url: str, key: str, timeout_s: float) -> str:
+    """A billing link for the demo tenant acme (valid a day), once the control plane is
+    ready; how it failed otherwise."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        while True:
+            try:
+                if http.get("/readyz").status_code == 200:
+                    r = http.post(
+                        "/v1/tenants/acme/billing-links", json={"expires_in_seconds": 86_400}
+                    )
+                    return str(r.json()["url"]) if r.status_code == 201 else f"({r.text[:200]})"
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                return "(the control plane is not ready)"
+            time.sleep(0.2)
+
+
 def main() -> int:
     DATA.mkdir(exist_ok=True)
     settings = Settings.from_env()
@@ -126,6 +146,8 @@ def main() -> int:
         " (test cards 4242 4242 4242 4242, 4000 0000 0000 0002, 4000 0000 0000 0341)"
     )
     serving = _wait_for_grpc(grpc_address, 20)
+    http_base = f"http://{settings.http_host}:{settings.http_port}"
+    link = _demo_billing_link(http_base, key, 20)
     print(
         "\n".join(
             [
@@ -138,8 +160,9 @@ def main() -> int:
                 f"  sidecar metrics http://{settings.grpc_host}:{settings.metrics_port}/metrics",
                 f"  control plane  http://{settings.http_host}:{settings.http_port}"
                 "  (/healthz, /readyz, /metrics)",
-                f"  admin pages    http://{settings.http_host}:{settings.http_port}/admin"
-                "  (sign in with the admin API key)",
+                f"  admin pages    {http_base}/admin  (sign in with the admin API key)",
+                f"  billing pages  {link}",
+                "                 (acme's, valid a day; POST /v1/tenants/{id}/billing-links)",
                 f"  admin API key  {key}",
                 f"  Stripe         {stripe_where}",
                 f"  webhooks       {settings.stripe_webhook_url} (secret in {secret_from})",

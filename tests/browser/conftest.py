@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import re
 import threading
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 from quota_client import QuotaClient
 
 from billing_core.billing.demo import seed_demo
@@ -217,3 +218,12 @@ def assert_accessible(page: Page) -> None:
         if v["impact"] in ("serious", "critical")
     ]
     assert not bad, f"{page.url}: " + "\n".join(bad)
+
+
+def sign_in(page: Page, live: Live) -> None:
+    """Through the admin sign-in page with the stack's admin key."""
+    page.goto(f"{live.url}/admin")
+    expect(page).to_have_url(re.compile(r"/admin/login"))
+    page.get_by_label("Admin API key").fill(live.stack.key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Plans", exact=True)).to_be_visible()

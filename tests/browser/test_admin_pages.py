@@ -12,15 +12,7 @@ from playwright.sync_api import Page, expect
 from quota_client import pb
 
 from stripe_emulator.webhooks import sign
-from tests.browser.conftest import Live, assert_accessible
-
-
-def sign_in(page: Page, live: Live) -> None:
-    page.goto(f"{live.url}/admin")
-    expect(page).to_have_url(re.compile(r"/admin/login"))
-    page.get_by_label("Admin API key").fill(live.stack.key)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", name="Plans", exact=True)).to_be_visible()
+from tests.browser.conftest import Live, assert_accessible, sign_in
 
 
 def test_a_wrong_key_is_refused_and_sign_out_ends_the_session(live: Live, page: Page) -> None:
