@@ -35,6 +35,7 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
         "floor (2 round trips)",
         "sidecar",
         "sidecar (no coalescing)",
+        "control plane",
     }
     floors = [r for r in report["results"] if r["server"].startswith("floor")]
     assert {r["in_flight"] for r in floors} == {1}
@@ -47,12 +48,18 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
         "zipf",
         "history",
         "hot, reserve+commit",
+        "overview, no records",
+        "overview, history",
     }
     assert all(r["calls_per_s"] > 0 and r["errors"] == 0 for r in report["results"])
     # the history point follows the hot point it is compared with, in every round
     points = [(r["server"], r["scenario"]) for r in report["results"]]
     assert points[points.index(("sidecar", "history")) - 1] == ("sidecar", "hot")
     assert report["meta"]["history_insert_s"] >= 0
+    # the billing overview with a history against none, in every round
+    [overview] = [r for r in report["targets"] if r["measure"].startswith("billing overview")]
+    assert len(overview["rounds"]) == 2 and overview["value"] is not None
+    assert report["meta"]["page_rows"] == 2_000
     # Reserve + Commit by both sidecars: what coalescing them gives, in the same run
     pairs = {r["server"] for r in report["results"] if r["scenario"] == "hot, reserve+commit"}
     assert pairs == {"sidecar", "sidecar (no coalescing)"}
@@ -66,7 +73,8 @@ async def test_bench_smoke_run_produces_its_reports(server_url: str, tmp_path: P
     sidecar = [r for r in report["results"] if r["server"] == "sidecar"]
     assert sum(r["db_cpu_ms_per_call"] for r in sidecar) > 0
     assert all(r["db_cpu_ms_per_call"] >= 0 for r in report["results"])
-    assert all(r["load_cpu_ms_per_call"] > 0 for r in report["results"])
+    grpc_points = [r for r in report["results"] if r["server"] != "control plane"]
+    assert all(r["load_cpu_ms_per_call"] > 0 for r in grpc_points)
     assert report["meta"]["rounds"] == 2
     assert all(len(r["extra"]["calls_per_s_by_round"]) == 2 for r in report["results"])
     table = (tmp_path / "latest.md").read_text()
