@@ -66,7 +66,7 @@ async def _admin_key(database_url: str) -> str:
     db = await Database.open(database_url, 1)
     try:
         async with db.transaction() as uow:
-            return await create_api_key(uow, "bench", "bench-pages", datetime.now(UTC))
+            return (await create_api_key(uow, "bench", "bench-pages", datetime.now(UTC))).key
     finally:
         await db.close()
 

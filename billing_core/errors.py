@@ -27,6 +27,10 @@ class Unauthenticated(QuotaError):
     """Missing or wrong credentials."""
 
 
+class Forbidden(QuotaError):
+    """Known credentials that may not do this (a read-only key asked for a change)."""
+
+
 class Unavailable(QuotaError):
     """A dependency (the database) cannot be reached; retrying may help."""
 
@@ -36,5 +40,6 @@ ALL_ERRORS: tuple[type[QuotaError], ...] = (
     NotFound,
     Conflict,
     Unauthenticated,
+    Forbidden,
     Unavailable,
 )

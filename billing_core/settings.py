@@ -66,6 +66,8 @@ class Settings:
     billing_session_hours: int = 12
     admin_session_hours: int = 8
     billing_frame_ancestors: str = "'self'"
+    # failed authentications an address may make in a minute before it is answered 429
+    auth_failures_per_minute: int = 10
     # Stripe: real Stripe when stripe_secret_key is set, else the local emulator
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
@@ -111,6 +113,7 @@ class Settings:
             billing_session_hours=_int(env, "BILLING_SESSION_HOURS", 12),
             admin_session_hours=_int(env, "ADMIN_SESSION_HOURS", 8),
             billing_frame_ancestors=_str(env, "BILLING_FRAME_ANCESTORS", "'self'"),
+            auth_failures_per_minute=_int(env, "AUTH_FAILURES_PER_MINUTE", 10),
             stripe_secret_key=_str(env, "STRIPE_SECRET_KEY"),
             stripe_webhook_secret=_str(env, "STRIPE_WEBHOOK_SECRET"),
             stripe_emulator_host=_str(env, "STRIPE_EMULATOR_HOST", "127.0.0.1"),
@@ -143,6 +146,8 @@ class Settings:
             raise InvalidRequest("QUOTA_BATCH_LOCK_TIMEOUT_MS must be between 0 and 600000")
         if self.past_due_grace_days < 0:
             raise InvalidRequest("PAST_DUE_GRACE_DAYS must not be negative")
+        if self.auth_failures_per_minute < 0:
+            raise InvalidRequest("AUTH_FAILURES_PER_MINUTE must not be negative (0: no limit)")
         if self.billing_link_secret and len(self.billing_link_secret) < 32:
             raise InvalidRequest("BILLING_LINK_SECRET must be at least 32 characters")
         if not 1 <= self.billing_session_hours <= 24 * 30:

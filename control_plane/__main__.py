@@ -1,4 +1,5 @@
-"""`python -m control_plane [serve|create-api-key|seed-demo|list-plans|expire-trials|migrate]`."""
+"""`python -m control_plane [serve|migrate|create-api-key|list-api-keys|revoke-api-key|
+seed-demo|list-plans|expire-trials]`: the control plane and the operator's commands."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from datetime import UTC, datetime
 
 import uvicorn
 
-from billing_core.billing import demo, plans, subscriptions
-from billing_core.billing.api_keys import create_api_key
+from billing_core.billing import api_keys, demo, plans, subscriptions
+from billing_core.billing.api_keys import SCOPES, create_api_key
 from billing_core.db.migrate import upgrade
 from billing_core.db.unit_of_work import Database, UnitOfWork
 from billing_core.errors import QuotaError
@@ -37,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m control_plane", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="run the HTTP control plane (the default)")
-    key = sub.add_parser("create-api-key", help="create an admin API key and print it once")
+    key = sub.add_parser("create-api-key", help="create an API key and print it once")
     key.add_argument("--name", default="admin", help="a label for the key")
+    key.add_argument("--scope", choices=SCOPES, default="admin", help="read: GET requests only")
+    sub.add_parser("list-api-keys", help="print the keys (id, prefix, scope, name, state)")
+    revoke = sub.add_parser("revoke-api-key", help="revoke a key at once")
+    revoke.add_argument("api_key_id")
     sub.add_parser("seed-demo", help="create the demo plans, prices and tenants (once)")
     sub.add_parser("list-plans", help="print the plans")
     sub.add_parser("expire-trials", help="move trials past their end to trial_expired")
@@ -60,9 +65,29 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "create-api-key":
 
             async def make_key(uow: UnitOfWork) -> None:
-                print(await create_api_key(uow, ACTOR, args.name, now))
+                print((await create_api_key(uow, ACTOR, args.name, now, scope=args.scope)).key)
 
             asyncio.run(_in_transaction(settings, make_key))
+        elif args.command == "list-api-keys":
+
+            async def list_keys(uow: UnitOfWork) -> None:
+                cursor = None
+                while True:
+                    page = await api_keys.list_api_keys(uow, limit=500, cursor=cursor)
+                    for k in page.items:
+                        state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "live"
+                        print(f"{k.api_key_id}\t{k.prefix}…\t{k.scope}\t{k.name}\t{state}")
+                    if (cursor := page.next_cursor) is None:
+                        break
+
+            asyncio.run(_in_transaction(settings, list_keys))
+        elif args.command == "revoke-api-key":
+
+            async def revoke_key(uow: UnitOfWork) -> None:
+                view = await api_keys.revoke_api_key(uow, ACTOR, args.api_key_id, now)
+                print(f"revoked {view.api_key_id} ({view.prefix}…)")
+
+            asyncio.run(_in_transaction(settings, revoke_key))
         elif args.command == "seed-demo":
 
             async def seed(uow: UnitOfWork) -> None:

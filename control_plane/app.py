@@ -26,7 +26,7 @@ from billing_core.db.unit_of_work import Database
 from billing_core.quota.engine import QuotaEngine, QuotaRules
 from billing_core.settings import Settings
 from control_plane.api import payments, v1
-from control_plane.api.auth import ApiKeyAuth
+from control_plane.api.auth import ApiKeyAuth, FailedAuthentications
 from control_plane.api.docs import render_docs
 from control_plane.api.problems import problem
 from control_plane.api.routing import openapi_document, route
@@ -129,6 +129,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.pages = Pages(settings, clock)
+    app.state.auth_failures = FailedAuthentications(settings.auth_failures_per_minute)
     app.state.requests_total = requests_total
     app.state.billing = billing or StripeBillingAdapter(settings)
     return app

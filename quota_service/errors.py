@@ -6,6 +6,7 @@ import grpc
 
 from billing_core.errors import (
     Conflict,
+    Forbidden,
     InvalidRequest,
     NotFound,
     QuotaError,
@@ -18,6 +19,7 @@ STATUS_FOR: dict[type[QuotaError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     Conflict: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

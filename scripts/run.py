@@ -42,7 +42,7 @@ async def _prepare(database_url: str) -> str:
             key_file = DATA / "admin_api_key"
             if not key and key_file.exists():
                 key = key_file.read_text().strip()
-            key = await create_api_key(uow, "make-run", "make-run", now, key or None)
+            key = (await create_api_key(uow, "make-run", "make-run", now, key or None)).key
         if not os.environ.get("ADMIN_API_KEY"):
             key_file.write_text(key + "\n")
             key_file.chmod(0o600)

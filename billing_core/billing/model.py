@@ -214,6 +214,18 @@ class RecordFilter:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKeyView:
+    """An API key as it may be shown: never its secret."""
+
+    api_key_id: str
+    name: str
+    prefix: str
+    scope: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEntryView:
     audit_id: int
     actor: str

@@ -470,12 +470,15 @@ class AuditLogEntry(Base):
 
 class ApiKey(Base):
     __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint("scope IN ('admin','read')", name="scope_known"),)
 
     api_key_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     # sha256 of the key; the key itself is shown once and never stored
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
+    # admin: everything; read: GET requests only
+    scope: Mapped[str] = mapped_column(String(16), server_default="admin")
     created_at: Mapped[datetime] = _created()
     revoked_at: Mapped[datetime | None] = mapped_column(TS)
 

@@ -8,6 +8,7 @@ from starlette.responses import JSONResponse
 
 from billing_core.errors import (
     Conflict,
+    Forbidden,
     InvalidRequest,
     NotFound,
     QuotaError,
@@ -23,17 +24,20 @@ STATUS_FOR: dict[type[QuotaError], tuple[int, str, str]] = {
     NotFound: (404, "not-found", "Not found"),
     Conflict: (409, "conflict", "Conflict"),
     Unauthenticated: (401, "unauthenticated", "Unauthenticated"),
+    Forbidden: (403, "forbidden", "Forbidden"),
     Unavailable: (503, "unavailable", "Service unavailable"),
 }
 TITLES = {
     400: ("malformed-json", "Malformed JSON"),
     401: ("unauthenticated", "Unauthenticated"),
+    403: ("forbidden", "Forbidden"),
     404: ("not-found", "Not found"),
     405: ("method-not-allowed", "Method not allowed"),
     406: ("not-acceptable", "Not acceptable"),
     409: ("conflict", "Conflict"),
     415: ("unsupported-media-type", "Unsupported media type"),
     422: ("validation-error", "Invalid request body or parameters"),
+    429: ("too-many-requests", "Too many requests"),
     500: ("internal-error", "Internal error"),
     503: ("unavailable", "Service unavailable"),
 }

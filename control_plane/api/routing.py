@@ -20,7 +20,7 @@ from starlette.routing import Route
 from billing_core.billing import idempotency
 from billing_core.clock import Clock
 from billing_core.db.unit_of_work import Database, UnitOfWork
-from billing_core.errors import QuotaError
+from billing_core.errors import Forbidden, QuotaError
 from billing_core.settings import Settings
 from control_plane.api.problems import (
     PROBLEM_JSON,
@@ -70,10 +70,15 @@ class Endpoint:
     idempotent: bool = False  # accepts Idempotency-Key and replays the first response
     csv: bool = False  # also answers text/csv
     description: str = ""
+    admin_only: bool = False  # a read key may not call it either (every change is admin-only)
     path_params: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path_params", tuple(_PATH_PARAM.findall(self.path)))
+
+    @property
+    def needs_admin(self) -> bool:
+        return self.admin_only or self.method != "GET"
 
 
 class _BadInput(Exception):
@@ -122,6 +127,8 @@ def _request_hash(ep: Endpoint, path: dict[str, str], body: BaseModel | None) ->
 
 def route(ep: Endpoint, clock: Clock) -> Route:
     async def endpoint(request: Request) -> Response:
+        if ep.needs_admin and request.scope.get("state", {}).get("scope") != "admin":
+            return from_error(Forbidden("this API key may only read: changes need an admin key"))
         path = {name: str(request.path_params[name]) for name in ep.path_params}
         if any("\x00" in v or len(v) > 255 for v in path.values()):
             return problem(404, "no such resource")
@@ -214,7 +221,7 @@ def openapi_document(endpoints: list[Endpoint], title: str, version: str) -> dic
         }
         if ep.csv:
             content["text/csv"] = {"schema": {"type": "string"}}
-        codes = {401, 422, 503, *ep.errors}
+        codes = {401, 422, 429, 503, *ep.errors} | ({403} if ep.needs_admin else set())
         if ep.body:
             codes |= {400, 415}
         responses: dict[str, Any] = {str(ep.status): {"description": "OK", "content": content}}

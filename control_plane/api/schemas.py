@@ -401,6 +401,29 @@ class WebhookEventPage(Out):
     next_cursor: str | None
 
 
+class ApiKey(Out):
+    api_key_id: str
+    name: str
+    prefix: str = Field(description="the key's first characters, to recognise it")
+    scope: str = Field(description="admin: everything; read: GET requests only")
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyIssued(ApiKey):
+    key: str = Field(description="the key itself: shown this once, stored only as a hash")
+
+
+class ApiKeyPage(Out):
+    items: list[ApiKey]
+    next_cursor: str | None
+
+
+class ApiKeyCreate(Body):
+    name: Name
+    scope: Literal["admin", "read"] = "admin"
+
+
 class AuditEntry(Out):
     audit_id: int
     actor: str = Field(description="the API key id (or 'cli', 'stripe', 'system')")

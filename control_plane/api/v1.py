@@ -11,7 +11,16 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-from billing_core.billing import audit, plans, prices, subscriptions, tenants, usage, wallet
+from billing_core.billing import (
+    api_keys,
+    audit,
+    plans,
+    prices,
+    subscriptions,
+    tenants,
+    usage,
+    wallet,
+)
 from billing_core.billing.model import (
     AuditFilter,
     GrantSpec,
@@ -359,6 +368,25 @@ async def list_audit_entries(call: Call) -> s.AuditEntryPage:
     )
 
 
+async def list_keys(call: Call) -> s.ApiKeyPage:
+    q: s.PageQuery = call.query
+    page = await api_keys.list_api_keys(call.uow, limit=q.limit, cursor=q.cursor)
+    return s.ApiKeyPage(
+        items=[s.ApiKey.model_validate(k) for k in page.items], next_cursor=page.next_cursor
+    )
+
+
+async def create_key(call: Call) -> s.ApiKeyIssued:
+    b: s.ApiKeyCreate = call.body
+    issued = await api_keys.create_api_key(call.uow, call.actor, b.name, call.now, scope=b.scope)
+    return s.ApiKeyIssued(key=issued.key, **s.ApiKey.model_validate(issued.view).model_dump())
+
+
+async def revoke_key(call: Call) -> s.ApiKey:
+    view = await api_keys.revoke_api_key(call.uow, call.actor, call.path["api_key_id"], call.now)
+    return s.ApiKey.model_validate(view)
+
+
 T, P = "/v1/tenants/{tenant_id}", "/v1/plans/{plan_id}"
 ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/v1/plans", "list_plans", "List plans", "plans", list_plans,
@@ -413,4 +441,12 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/v1/audit-log", "list_audit_entries",
              "Who changed what, newest first (filter by actor, action, entity)", "audit",
              list_audit_entries, s.AuditEntryPage, query=s.AuditQuery),
+    Endpoint("GET", "/v1/api-keys", "list_api_keys", "API keys, without their secrets",
+             "api-keys", list_keys, s.ApiKeyPage, query=s.PageQuery, admin_only=True),
+    Endpoint("POST", "/v1/api-keys", "create_api_key",
+             "Issue a key (admin or read); the key is in this answer only", "api-keys",
+             create_key, s.ApiKeyIssued, body=s.ApiKeyCreate, status=201),
+    Endpoint("POST", "/v1/api-keys/{api_key_id}/revoke", "revoke_api_key",
+             "Revoke a key at once (its admin sessions end too)", "api-keys", revoke_key,
+             s.ApiKey, errors=(404,)),
 ]  # fmt: skip

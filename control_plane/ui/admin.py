@@ -34,6 +34,7 @@ from billing_core.quota.engine import QuotaEngine
 from billing_core.quota.requests import UsageRequest
 from billing_core.rules.limits import DEFAULT_WARN_AT
 from billing_core.rules.resources import BUILTIN_RESOURCES, Period
+from control_plane.api.auth import FailedAuthentications, client_address, too_many
 from control_plane.ui import forms
 from control_plane.ui.formatting import Formats
 from control_plane.ui.web import AdminSession, Pages
@@ -106,21 +107,30 @@ async def login(request: Request) -> Response:
     error = ""
     target = _next(request)
     if request.method == "POST":
+        failures: FailedAuthentications = request.app.state.auth_failures
+        address = client_address(request.scope)
+        wait = failures.retry_after(address)
+        if wait:
+            return too_many(wait)
         form = await request.form()
         target = _next(request, form)
         login_id = request.cookies.get(LOGIN_COOKIE, "")
         if not pages.form_token_valid(login_id, form.get("csrf")):
             return pages.forbidden(request)
         key = str(form.get("api_key", "")).strip()
-        actor = None
+        caller = None
         if key and "\x00" not in key:
             async with request.app.state.db.transaction() as uow:
-                actor = await api_keys.verify_api_key(uow, key)
-        if actor is not None:
-            response = pages.open_admin_session(request, actor, target)
+                caller = await api_keys.verify_api_key(uow, key)
+        if caller is not None and caller.may_change:
+            response = pages.open_admin_session(request, caller.api_key_id, target)
             response.delete_cookie(LOGIN_COOKIE, path="/admin")
             return response
-        error = "That key is not a valid admin API key."
+        if caller is None:
+            failures.failed(address)
+            error = "That key is not a valid admin API key."
+        else:
+            error = "That key may only read: sign in with an admin key."
     login_id = secrets.token_hex(16)
     response = pages.render(
         request,

@@ -22,7 +22,9 @@ async def test_every_v1_route_refuses_a_missing_or_wrong_key(control_plane: Cont
     assert len(v1) >= 20  # every operation of the contract is enumerated
     async with httpx.AsyncClient(base_url=control_plane.url) as anon:
         for method, path in v1:
-            url = path.format(tenant_id="t", plan_id="p", provider="x", model="y", event_id="e")
+            url = path.format(
+                tenant_id="t", plan_id="p", provider="x", model="y", event_id="e", api_key_id="k"
+            )
             for headers in ({}, {"Authorization": "Bearer bpk_wrong"}, {"Authorization": "x"}):
                 r = await anon.request(method, url, headers=headers, json={})
                 if method == "HEAD":  # no body to read

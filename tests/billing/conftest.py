@@ -127,7 +127,7 @@ async def billing_stack(
         pool = await open_pool(database_url, 4)
         stack.push_async_callback(pool.close)
         async with Database(pool).transaction() as uow:
-            key = await create_api_key(uow, "tests", "billing-tests", datetime.now(UTC))
+            key = (await create_api_key(uow, "tests", "billing-tests", datetime.now(UTC))).key
         yield Stack(f"http://127.0.0.1:{cp_port}", key, emulator_url, settings, pool, emulator)
 
 

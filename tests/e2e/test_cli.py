@@ -32,7 +32,15 @@ async def cli(database_url: str, *args: str) -> tuple[int, str, str]:
 async def test_help_lists_every_command(scratch_database: str) -> None:
     code, out, _ = await cli(scratch_database, "--help")
     assert code == 0
-    for command in ("serve", "create-api-key", "seed-demo", "list-plans", "expire-trials"):
+    for command in (
+        "serve",
+        "create-api-key",
+        "list-api-keys",
+        "revoke-api-key",
+        "seed-demo",
+        "list-plans",
+        "expire-trials",
+    ):
         assert command in out
 
 
@@ -56,9 +64,13 @@ async def test_seed_list_key_and_expire_each_change_audited(scratch_database: st
         ended = datetime.now(UTC) - timedelta(days=15)
         plan = await f.plan(db.pool, ended, "cli", [quota("messages", "daily", 10)])
         await f.tenant(
-            db.pool, ended, "cli-trial", plan, status=SubscriptionStatus.TRIALING,
+            db.pool,
+            ended,
+            "cli-trial",
+            plan,
+            status=SubscriptionStatus.TRIALING,
             trial_end=ended + timedelta(days=14),
-        )  # fmt: skip
+        )
         code, out, _ = await cli(database_url, "expire-trials")
         assert code == 0 and out.strip() == "expired 1 trial(s)"
         code, out, _ = await cli(database_url, "expire-trials")
@@ -76,3 +88,34 @@ async def test_seed_list_key_and_expire_each_change_audited(scratch_database: st
     ]
     code, _, err = await cli(database_url, "no-such-command")
     assert code == 2 and "invalid choice" in err
+
+
+async def test_keys_are_listed_without_secrets_and_revoked_at_once(scratch_database: str) -> None:
+    code, out, _ = await cli(
+        scratch_database, "create-api-key", "--name", "dashboards", "--scope", "read"
+    )
+    assert code == 0
+    key = out.strip()
+    code, out, _ = await cli(scratch_database, "list-api-keys")
+    [row] = [line.split("\t") for line in out.splitlines() if "dashboards" in line]
+    key_id, prefix, scope, name, state = row
+    assert (prefix, scope, name, state) == (f"{key[:12]}…", "read", "dashboards", "live")
+    assert key not in out  # the secret is shown once, at creation
+    code, out, _ = await cli(scratch_database, "revoke-api-key", key_id)
+    assert code == 0 and out.strip() == f"revoked {key_id} ({key[:12]}…)"
+    code, out, _ = await cli(scratch_database, "list-api-keys")
+    assert "revoked" in next(line for line in out.splitlines() if key_id in line)
+    code, _, err = await cli(scratch_database, "revoke-api-key", "key_nope")
+    assert code == 2 and "unknown API key" in err
+    code, _, err = await cli(scratch_database, "create-api-key", "--scope", "root")
+    assert code == 2 and "invalid choice" in err
+    db = await Database.open(scratch_database, 1)
+    try:
+        async with db.transaction() as uow:
+            assert await verify_api_key(uow, key) is None
+        audit = await f.fetch(
+            db.pool, "SELECT action FROM audit_log WHERE entity_id = %s ORDER BY audit_id", key_id
+        )
+    finally:
+        await db.close()
+    assert audit == [("api_key.create",), ("api_key.revoke",)]

@@ -29,6 +29,9 @@ def test_defaults_and_overrides() -> None:
         ({"QUOTA_COALESCE_LANES": "65"}, "QUOTA_COALESCE_LANES must be between 1 and 64"),
         ({"QUOTA_DB_POOL_SIZE": "0"}, "QUOTA_DB_POOL_SIZE must be at least 1"),
         ({"IDEMPOTENCY_TTL_HOURS": "1"}, "IDEMPOTENCY_TTL_HOURS must be at least 24"),
+        ({"AUTH_FAILURES_PER_MINUTE": "-1"}, "AUTH_FAILURES_PER_MINUTE must not be negative"),
+        ({"BILLING_LINK_SECRET": "short"}, "BILLING_LINK_SECRET must be at least 32"),
+        ({"BILLING_SESSION_HOURS": "0"}, "BILLING_SESSION_HOURS must be between 1 and 720"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(env: dict[str, str], message: str) -> None:

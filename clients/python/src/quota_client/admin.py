@@ -42,6 +42,9 @@ OPERATIONS: dict[str, tuple[str, str]] = {
     "list_model_prices": ("GET", "/v1/model-prices"),
     "put_model_price": ("PUT", "/v1/model-prices/{provider}/{model}"),
     "list_audit_entries": ("GET", "/v1/audit-log"),
+    "list_api_keys": ("GET", "/v1/api-keys"),
+    "create_api_key": ("POST", "/v1/api-keys"),
+    "revoke_api_key": ("POST", "/v1/api-keys/{api_key_id}/revoke"),
     "create_billing_link": ("POST", "/v1/tenants/{tenant_id}/billing-links"),
     "create_checkout_session": ("POST", "/v1/tenants/{tenant_id}/checkout-sessions"),
     "create_portal_session": ("POST", "/v1/tenants/{tenant_id}/portal-sessions"),
@@ -337,6 +340,17 @@ class AdminClient:
 
     def reprocess_webhook_event(self, event_id: str) -> JSON:
         return self._call("reprocess_webhook_event", path={"event_id": event_id})
+
+    # API keys
+    def list_api_keys(self, *, limit: int = 50, cursor: str | None = None) -> JSON:
+        return self._call("list_api_keys", params=_params(limit=limit, cursor=cursor))
+
+    def create_api_key(self, name: str, *, scope: str = "admin") -> JSON:
+        """{api_key_id, …, key}: the key is in this answer only."""
+        return self._call("create_api_key", json={"name": name, "scope": scope})
+
+    def revoke_api_key(self, api_key_id: str) -> JSON:
+        return self._call("revoke_api_key", path={"api_key_id": api_key_id})
 
     # audit
     def list_audit_entries(
