@@ -54,6 +54,12 @@ def create_app(
         ["route", "status"],
         registry=registry,
     )
+    webhook_failures = Counter(
+        "billing_webhook_events_failed",
+        "Provider webhook events that could not be applied (delivered or re-processed)",
+        ["type"],
+        registry=registry,
+    )
     openapi = openapi_document(ENDPOINTS, "Billing control plane", API_VERSION)
     docs_html = render_docs(openapi)
 
@@ -116,7 +122,7 @@ def create_app(
             *billing_pages.routes(),
             *admin_pages.routes(),
             Mount("/static", StaticFiles(packages=[("control_plane.ui", "static")]), name="static"),
-            Route("/webhooks/stripe", stripe_webhook(clock), methods=["POST"]),
+            Route("/webhooks/stripe", stripe_webhook(clock, webhook_failures), methods=["POST"]),
             *(route(ep, clock) for ep in ENDPOINTS),
         ],
         middleware=[
@@ -130,6 +136,7 @@ def create_app(
     app.state.settings = settings
     app.state.pages = Pages(settings, clock)
     app.state.auth_failures = FailedAuthentications(settings.auth_failures_per_minute)
+    app.state.webhook_failures = webhook_failures
     app.state.requests_total = requests_total
     app.state.billing = billing or StripeBillingAdapter(settings)
     return app

@@ -359,14 +359,20 @@ class StripeBillingAdapter:
         if not self._webhook_secret:
             raise InvalidSignature("STRIPE_WEBHOOK_SECRET is not set: webhooks cannot be verified")
         try:
-            stripe.Webhook.construct_event(
-                payload, signature, self._webhook_secret, tolerance=WEBHOOK_TOLERANCE_SECONDS
+            text = payload.decode("utf-8")
+            stripe.WebhookSignature.verify_header(
+                text, signature, self._webhook_secret, tolerance=WEBHOOK_TOLERANCE_SECONDS
             )
-            data = json.loads(payload)
+        except UnicodeDecodeError:
+            raise InvalidSignature("the body is not UTF-8 text") from None
         except stripe.SignatureVerificationError as exc:
             raise InvalidSignature(str(exc.user_message or exc)) from None
+        try:
+            data = json.loads(text)
         except ValueError as exc:
             raise InvalidSignature(f"the body is not JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            raise InvalidSignature("the body is not a Stripe event")
         return event_from(data)
 
     def parse_stored_event(self, payload: Mapping[str, Any]) -> BillingEvent:

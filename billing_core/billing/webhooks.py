@@ -60,8 +60,26 @@ async def process(
         error = f"{type(exc).__name__}: {exc}"
         async with db.transaction() as uow:
             await uow.webhook_events.fail(event.event_id, error)
+            await _tell_tenant(uow, event, now)
         log.error("webhook_failed", event_id=event.event_id, type=event.type, error=error)
         raise
+
+
+async def _tell_tenant(uow: UnitOfWork, event: BillingEvent, now: datetime) -> None:
+    """A notification for the tenant a failed event is about, when it is known: its billing
+    may lag until the event is applied (once per event)."""
+    tenant_id = (
+        await uow.tenants.by_provider_customer(event.customer_id) if event.customer_id else None
+    )
+    if tenant_id is not None:
+        note = (
+            "billing_event_failed",
+            f"webhook-failed:{event.event_id}",
+            "A payment update could not be applied yet; it is retried and an operator can "
+            "apply it again. Your plan shows the last state we know.",
+            {"event_id": event.event_id, "type": event.type},
+        )
+        await uow.usage.notify(tenant_id, [note], now)
 
 
 async def _tenant_for(uow: UnitOfWork, event: BillingEvent) -> str:

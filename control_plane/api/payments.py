@@ -107,6 +107,8 @@ async def reprocess_webhook_event(call: Call) -> s.WebhookEvent:
     stored = await webhooks.reprocess(
         call.db, _adapter(call), call.actor, call.path["event_id"], call.now
     )
+    if stored.status == "failed":
+        call.request.app.state.webhook_failures.labels(type=stored.type).inc()
     return s.WebhookEvent.model_validate(stored)
 
 

@@ -423,10 +423,13 @@ async def webhook_list(request: Request, session: AdminSession, admin: Admin) ->
 async def webhook_page(request: Request, session: AdminSession, admin: Admin) -> Response:
     event_id = request.path_params["event_id"]
     if request.method == "POST":
-        await webhooks.reprocess(
+        stored = await webhooks.reprocess(
             admin.db, request.app.state.billing, session.actor, event_id, admin.now
         )
-        return _see_other(f"/admin/webhooks/{quote(event_id)}?notice=reprocessed")
+        if stored.status == "failed":
+            request.app.state.webhook_failures.labels(type=stored.type).inc()
+        outcome = "failed_again" if stored.status == "failed" else "reprocessed"
+        return _see_other(f"/admin/webhooks/{quote(event_id)}?notice={outcome}")
     async with admin.db.transaction() as uow:
         event, payload = await webhooks.get_event(uow, event_id)
     return admin.render(

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stripe_emulator.webhooks import sign
 from tests.billing.conftest import Stack, pay
@@ -72,6 +75,47 @@ async def test_unverifiable_webhooks_are_rejected_and_nothing_is_written(
     assert await count_events(stack) == before
 
 
+async def test_an_oversized_body_is_refused_before_it_is_read_whole(stack: Stack) -> None:
+    body = b'{"id": "evt_big", "pad": "' + b"x" * (600 * 1024) + b'"}'
+    before = await count_events(stack)
+    r = await post(stack, body, sign(body, stack.settings.stripe_webhook_secret))
+    assert r.status_code == 413 and r.json()["type"] == "/problems/webhook-too-large"
+    async with httpx.AsyncClient(base_url=stack.url) as http:  # no length declared: streamed
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(10):
+                yield b"x" * 65536
+
+        r = await http.post(
+            "/webhooks/stripe", content=chunks(), headers={"Stripe-Signature": "t=1"}
+        )
+    assert r.status_code == 413
+    assert await count_events(stack) == before
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=st.one_of(st.binary(max_size=2048), st.text(max_size=512).map(str.encode)),
+    signature=st.one_of(st.none(), st.text(max_size=200), st.just("t=1,v1=00")),
+    signed=st.booleans(),
+)
+async def test_random_bodies_and_signatures_are_refused_and_nothing_is_stored(
+    stack: Stack, body: bytes, signature: str | None, signed: bool
+) -> None:
+    if signed:  # a right signature on a body that is no event
+        signature = sign(body, stack.settings.stripe_webhook_secret)
+    if signature is not None and not all(32 <= ord(c) < 127 for c in signature):
+        signature = None  # not sendable as a header
+    elif signature is not None:
+        signature = signature.strip()  # h11 sends no value with surrounding spaces
+    before = await count_events(stack)
+    r = await post(stack, body, signature)
+    assert r.status_code == 400, (body[:80], signature, r.text)
+    assert await count_events(stack) == before
+
+
 async def test_duplicates_are_acknowledged_once_and_unknown_types_are_stored(
     stack: Stack, uid: str
 ) -> None:
@@ -119,6 +163,14 @@ async def test_a_failing_event_is_recorded_answered_500_and_can_be_reprocessed(
             failed = (await api.get("/v1/webhook-events", params={"status": "failed"})).json()
             [row] = [e for e in failed["items"] if e["event_id"] == created["id"]]
             assert row["attempts"] == 1 and "no plan sells" in row["last_error"]
+            # counted, and told to the tenant it concerns (once)
+            async with httpx.AsyncClient(base_url=stack.url) as http:
+                metrics = (await http.get("/metrics")).text
+            assert 'billing_webhook_events_failed_total{type="customer.subscription.created"}' in (
+                metrics
+            )
+            notes = (await api.get(f"/v1/tenants/f-{uid}/notifications")).json()["items"]
+            assert [n["kind"] for n in notes] == ["billing_event_failed"]
             assert (await api.get(f"/v1/tenants/f-{uid}/subscription")).json()["status"] == "none"
             # the operator fixes the mapping and re-processes
             await stack.fetch(
