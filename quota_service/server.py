@@ -18,7 +18,6 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from quota.v1 import quota_service_pb2 as pb
-from quota.v1 import quota_service_pb2_grpc as pb_grpc
 
 from billing_core.clock import Clock, SystemClock
 from billing_core.db.unit_of_work import Database
@@ -27,7 +26,7 @@ from billing_core.quota.sweeps import Sweeper
 from billing_core.settings import Settings
 from quota_service.coalescer import Coalescer
 from quota_service.metrics import EngineCollector, Metrics
-from quota_service.servicer import QuotaServicer
+from quota_service.servicer import QuotaServicer, add_to_server
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QuotaService"].full_name
@@ -200,7 +199,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     )
     registry.register(EngineCollector(engine, coalescer))
     servicer = QuotaServicer(engine, metrics, coalescer)
-    pb_grpc.add_QuotaServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError, Message
 from quota.v1 import quota_service_pb2 as pb
 from quota.v1 import quota_service_pb2_grpc as pb_grpc
 
@@ -119,3 +120,51 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             return convert.usage_response(await self._engine.usage(convert.usage_request(request)))
 
         return await self._call("GetUsage", context, work)  # type: ignore[arg-type]
+
+
+class _Unreadable:
+    """A request whose bytes are no message of its type."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _reader(message: type[Message]) -> Callable[[bytes], Message | _Unreadable]:
+    def read(raw: bytes) -> Message | _Unreadable:
+        try:
+            return message.FromString(raw)
+        except DecodeError as exc:
+            return _Unreadable(exc)
+
+    return read
+
+
+def add_to_server(servicer: QuotaServicer, server: grpc.aio.Server) -> None:
+    """Register the service like the generated code does, but bytes that are no request
+    answer INVALID_ARGUMENT (gRPC answers a failed deserializer with UNKNOWN)."""
+    service = pb.DESCRIPTOR.services_by_name["QuotaService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _checked(getattr(servicer, method.name), request_type.__name__),
+            request_deserializer=_reader(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+def _checked(
+    handler: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], name: str
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Unreadable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a {name}: {request.error}"
+            )
+        return await handler(request, context)
+
+    return call
