@@ -76,6 +76,9 @@ class _OnlyCheckAndConsume(pb_grpc.QuotaServiceServicer):
     async def GetUsage(self, request: Any, context: Any) -> Any:
         return await self._unimplemented(context)
 
+    async def ReportUsage(self, request: Any, context: Any) -> Any:
+        return await self._unimplemented(context)
+
 
 class Echo(_OnlyCheckAndConsume):
     def __init__(self) -> None:

@@ -10,12 +10,21 @@ from types import MappingProxyType
 from google.protobuf.timestamp_pb2 import Timestamp
 from quota.v1 import quota_service_pb2 as pb
 
-from billing_core.quota.answers import CommitResult, Decision, FreeResult, UsageReport, WindowView
+from billing_core.errors import InvalidRequest
+from billing_core.quota.answers import (
+    CommitResult,
+    Decision,
+    FreeResult,
+    ReportResult,
+    UsageReport,
+    WindowView,
+)
 from billing_core.quota.requests import (
     CommitRequest,
     ConsumeRequest,
     FreeRequest,
     ReleaseRequest,
+    ReportRequest,
     ReserveRequest,
     UsageRequest,
 )
@@ -48,6 +57,7 @@ REASON_PB: dict[Reason, pb.Reason.ValueType] = {
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
+_NO_TIME = datetime(1970, 1, 1)  # naive: what a ReportUsage without occurred_at becomes
 
 
 @lru_cache(maxsize=4096)  # a window's reset instant recurs in every answer until it passes
@@ -110,6 +120,25 @@ def free_request(msg: pb.FreeRequest) -> FreeRequest:
     return FreeRequest(msg.tenant_id, msg.resource, msg.amount, msg.request_id)
 
 
+def report_request(msg: pb.ReportUsageRequest) -> ReportRequest:
+    """A missing occurred_at stays missing (naive: refused by validation), never 'now'."""
+    at = _NO_TIME
+    if msg.HasField("occurred_at"):
+        try:
+            at = msg.occurred_at.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            raise InvalidRequest("occurred_at is not a representable moment") from None
+    return ReportRequest(
+        tenant_id=msg.tenant_id,
+        resource=msg.resource,
+        amount=msg.amount,
+        request_id=msg.request_id,
+        occurred_at=at,
+        tokens=_tokens(msg.tokens) if msg.HasField("tokens") else None,
+        labels=_labels(msg.labels),
+    )
+
+
 def usage_request(msg: pb.GetUsageRequest) -> UsageRequest:
     return UsageRequest(msg.tenant_id, msg.resource if msg.HasField("resource") else None)
 
@@ -160,6 +189,15 @@ def commit_response(r: CommitResult) -> pb.CommitResponse:
         windows=[window(w) for w in r.windows],
         wallet_balance_micros=r.wallet_balance_micros,
         replayed=r.replayed,
+    )
+
+
+def report_response(r: ReportResult) -> pb.ReportUsageResponse:
+    return pb.ReportUsageResponse(
+        usage_record_id=r.usage_record_id,
+        replayed=r.replayed,
+        windows=[window(w) for w in r.windows],
+        cost_micros=r.cost_micros,
     )
 
 

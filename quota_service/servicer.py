@@ -121,6 +121,18 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
 
         return await self._call("GetUsage", context, work)  # type: ignore[arg-type]
 
+    async def ReportUsage(
+        self,
+        request: pb.ReportUsageRequest,
+        context: grpc.aio.ServicerContext[pb.ReportUsageRequest, pb.ReportUsageResponse],
+    ) -> pb.ReportUsageResponse:
+        async def work() -> pb.ReportUsageResponse:
+            reported = await self._engine.report(convert.report_request(request))
+            self._metrics.decided("ReportUsage", "fail_open", request.resource)
+            return convert.report_response(reported)
+
+        return await self._call("ReportUsage", context, work)  # type: ignore[arg-type]
+
 
 class _Unreadable:
     """A request whose bytes are no message of its type."""

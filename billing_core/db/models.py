@@ -231,7 +231,7 @@ class UsageRecord(Base):
 
     __tablename__ = "usage_records"
     __table_args__ = (
-        CheckConstraint("kind IN ('consume','commit','free')", name="kind_known"),
+        CheckConstraint("kind IN ('consume','commit','free','fail_open')", name="kind_known"),
         CheckConstraint("cost_micros >= 0", name="cost_nonnegative"),
         Index("ix_usage_records_tenant_time", "tenant_id", "occurred_at"),
     )

@@ -346,7 +346,7 @@ _WRITE_PARTS = {
         cost_micros, wallet_charged_micros, over_limit, labels, occurred_at)
     SELECT e->>0, e->>1, e->>2, (e->>3)::bigint, e->>4, e->>5, e->>6, e->>7, e->>8, e->>9,
            (e->>10)::bigint, (e->>11)::bigint, (e->>12)::bigint, (e->>13)::bigint,
-           (e->>14)::bool, e->15, %(now)s::timestamptz
+           (e->>14)::bool, e->15, coalesce((e->>16)::timestamptz, %(now)s::timestamptz)
     FROM jsonb_array_elements(%(records)s::jsonb) WITH ORDINALITY AS u(e, n)
     ORDER BY n
 """,
@@ -466,8 +466,13 @@ def write_parameters(
         values["dropped_starts"] = text_array(sorted({k[3].isoformat() for k in w.dropped}))
     if w.records:
         parts.append("records")
+        # a record happens now, but a reported one (ReportUsage) when it was used
         values["records"] = _json(
-            [[t, r.usage_record_id, *r[2:15], dict(r.labels)] for t, r in w.records]
+            [
+                [t, r.usage_record_id, *r[2:15], dict(r.labels)]
+                + ([] if r.occurred_at == now else [r.occurred_at.isoformat()])
+                for t, r in w.records
+            ]
         )
     if w.reservations:
         parts.append("reservations")

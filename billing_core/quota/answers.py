@@ -147,6 +147,32 @@ class FreeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportResult:
+    """The answer to ReportUsage: the usage record and the windows it was counted in."""
+
+    usage_record_id: str
+    cost_micros: int
+    windows: tuple[WindowView, ...]
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "usage_record_id": self.usage_record_id,
+            "cost_micros": self.cost_micros,
+            "windows": [w.to_json() for w in self.windows],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, replayed: bool) -> ReportResult:
+        return cls(
+            usage_record_id=data["usage_record_id"],
+            cost_micros=data["cost_micros"],
+            windows=tuple(WindowView.from_json(w) for w in data["windows"]),
+            replayed=replayed,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ResourceWindows:
     resource: str
     windows: tuple[WindowView, ...]
@@ -176,4 +202,4 @@ class Tidied:
 
 
 # the answer to each Request of a batch, or the error that request alone met
-Result = Decision | CommitResult | bool | FreeResult | Tidied | QuotaError
+Result = Decision | CommitResult | bool | FreeResult | ReportResult | Tidied | QuotaError

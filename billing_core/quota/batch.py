@@ -19,6 +19,7 @@ from billing_core.quota.requests import (
     ConsumeRequest,
     FreeRequest,
     ReleaseRequest,
+    ReportRequest,
     Request,
     TidyRequest,
 )
@@ -83,7 +84,9 @@ async def decide_batch(
     trip, never correctness; (4) the writes and the upgrade offers, with the store's
     COMMIT. Tenants the transaction writes for are tidied first (core.tidy)."""
     admissions = [r for r in reqs if isinstance(r, ConsumeRequest)]
-    asked = sorted({r.resource for r in reqs if isinstance(r, ConsumeRequest | FreeRequest)})
+    asked = sorted(
+        {r.resource for r in reqs if isinstance(r, ConsumeRequest | FreeRequest | ReportRequest)}
+    )
     settling = sorted(
         {
             (r.tenant_id, r.reservation_id)
@@ -97,12 +100,13 @@ async def decide_batch(
         {
             (r.tokens.provider, r.tokens.model)
             for r in reqs
-            if isinstance(r, ConsumeRequest | CommitRequest) and r.tokens is not None
+            if isinstance(r, ConsumeRequest | CommitRequest | ReportRequest)
+            and r.tokens is not None
         }
     )
     keys = sorted(
         {(r.tenant_id, r.request_id) for r in admissions if not r.dry_run}
-        | {(r.tenant_id, r.request_id) for r in reqs if isinstance(r, FreeRequest)}
+        | {(r.tenant_id, r.request_id) for r in reqs if isinstance(r, FreeRequest | ReportRequest)}
     )
     shared: SharedWindows = {}
 
@@ -111,7 +115,7 @@ async def decide_batch(
     predicted_held: Held = {}
     predicted: dict[str, TenantState] = {}
     for req in reqs:
-        if isinstance(req, ConsumeRequest | FreeRequest):
+        if isinstance(req, ConsumeRequest | FreeRequest | ReportRequest):
             resource = req.resource
         elif isinstance(req, CommitRequest | ReleaseRequest):
             made = memo.reservation(req.tenant_id, req.reservation_id)
@@ -206,6 +210,8 @@ async def decide_batch(
                 memo.settle(req.tenant_id, req.reservation_id)
             elif isinstance(req, FreeRequest):
                 result = core.free(state, req, now, changes, shared)
+            elif isinstance(req, ReportRequest):
+                result = core.report(state, req, now, reads.prices, rules, changes)
             elif isinstance(req, TidyRequest):
                 result = tidied.pop(req.tenant_id, Tidied())
             else:
@@ -295,6 +301,10 @@ def _rows_to_lock(
             resource, pays = res.resource, req.tokens is not None
         elif isinstance(req, FreeRequest):
             resource, pays = req.resource, False
+        elif isinstance(req, ReportRequest):  # the windows of its moment; no wallet pays
+            _, at = tenants[tenant_id].windows_at(req.resource, req.occurred_at)
+            keys.update((tenant_id, req.resource, w.period, w.start) for w in at)
+            continue
         else:
             resource, pays = req.resource, not req.dry_run and req.tokens is not None
         touched[(tenant_id, resource)] = touched.get((tenant_id, resource), False) or pays

@@ -11,7 +11,14 @@ from typing import Any
 from billing_core.errors import InvalidRequest, NotFound
 from billing_core.ids import new_id
 from billing_core.quota import outcomes
-from billing_core.quota.answers import CommitResult, Decision, FreeResult, Tidied
+from billing_core.quota.answers import (
+    CommitResult,
+    Decision,
+    FreeResult,
+    ReportResult,
+    Tidied,
+    WindowView,
+)
 from billing_core.quota.model import (
     Changes,
     Counts,
@@ -26,6 +33,7 @@ from billing_core.quota.requests import (
     ConsumeRequest,
     FreeRequest,
     ReleaseRequest,
+    ReportRequest,
 )
 from billing_core.rules.limits import Quota, decide
 from billing_core.rules.periods import EPOCH, Window, tenant_zone, window_for
@@ -81,6 +89,15 @@ class TenantState:
             found = self.windows[resource] = (quotas, tuple(windows))
         return found
 
+    def windows_at(
+        self, resource: str, at: datetime
+    ) -> tuple[tuple[Quota, ...], tuple[Window, ...]]:
+        """The quotas of `resource` and the windows that contain the moment `at` (a
+        reported usage's), which may be earlier ones than the current."""
+        quotas = self.ctx.quotas.get(resource, ())
+        zone = tenant_zone(self.ctx.timezone)
+        return quotas, tuple(window_for(q.period, at, zone, self.ctx.anchor) for q in quotas)
+
     def live_micros(self) -> int:
         """The live wallet as the transaction has left it so far."""
         return self.ctx.wallet_live_micros - self.spent
@@ -134,9 +151,15 @@ def tidy(state: TenantState, now: datetime, held: Held, changes: Changes) -> Tid
         changes.expired_grants.append((tenant_id, grant.grant_id))
         if grant.remaining_micros:
             changes.ledger.append(
-                (tenant_id, grant.grant_id, "expire", -grant.remaining_micros, None,
-                 "grant expired")
-            )  # fmt: skip
+                (
+                    tenant_id,
+                    grant.grant_id,
+                    "expire",
+                    -grant.remaining_micros,
+                    None,
+                    "grant expired",
+                )
+            )
     if due:
         state.grants = [g for g in state.grants if g not in due]
     if (hold_back or written_off) and state.wallet is not None:
@@ -210,14 +233,27 @@ def admit(
         balance = state.live_micros()
     if ttl is None:
         decision = outcomes.allowed(
-            ctx, quotas, windows, counts, req, price, wallet_balance_micros=balance,
+            ctx,
+            quotas,
+            windows,
+            counts,
+            req,
+            price,
+            wallet_balance_micros=balance,
             usage_record_id=new_id("ur", now),
-        )  # fmt: skip
+        )
     else:
         decision = outcomes.allowed(
-            ctx, quotas, windows, counts, req, price, wallet_balance_micros=balance,
-            reservation_id=new_id("rsv", now), expires_at=now + timedelta(seconds=ttl),
-        )  # fmt: skip
+            ctx,
+            quotas,
+            windows,
+            counts,
+            req,
+            price,
+            wallet_balance_micros=balance,
+            reservation_id=new_id("rsv", now),
+            expires_at=now + timedelta(seconds=ttl),
+        )
     _count(state, req, quotas, windows, price, charge, decision, fingerprint, now, changes)
     return decision
 
@@ -246,10 +282,17 @@ def _count(
         assert decision.expires_at is not None
         changes.reservations.append(
             NewReservation(
-                tenant_id, decision.reservation_id, req.request_id, req.resource, req.amount,
-                keys, charge, req.labels, decision.expires_at,
+                tenant_id,
+                decision.reservation_id,
+                req.request_id,
+                req.resource,
+                req.amount,
+                keys,
+                charge,
+                req.labels,
+                decision.expires_at,
             )
-        )  # fmt: skip
+        )
         if charge:
             assert state.wallet is not None
             balance, on_hold = state.wallet
@@ -392,6 +435,69 @@ def free(
         outcomes.window_views(quotas, windows, state.counts, req.resource, 0, state.ctx.unlimited)
     )
     _claim(state, req.request_id, "free", fingerprint, result.to_json(), changes)
+    return result
+
+
+# --- ReportUsage ---------------------------------------------------------------------------
+
+# how far ahead of the sidecar's clock a reported moment may be (clocks drift)
+REPORT_CLOCK_SKEW = timedelta(minutes=5)
+
+
+def report(
+    state: TenantState,
+    req: ReportRequest,
+    now: datetime,
+    prices: Prices,
+    rules: Rules,
+    changes: Changes,
+) -> ReportResult:
+    """Count usage a client allowed while it could not reach the sidecar: never denied,
+    into the windows that contain its moment (past a limit if need be, marked so), with a
+    fail-open usage record; the wallet pays nothing for it. Its request_id makes it count
+    once — also when the CheckAndConsume it stands for was counted after all (the answer
+    was lost on the way): then that one's record is the answer."""
+    fingerprint = req.fingerprint()
+    prior = state.taken.get(req.request_id)
+    if prior is not None:
+        if prior.operation == req.OPERATION and prior.request_hash == fingerprint:
+            return ReportResult.from_json(prior.response, replayed=True)
+        admitted = prior.operation == "consume" and prior.response.get("allowed")
+        if admitted and prior.request_hash == req.as_admission().admission_fingerprint():
+            return ReportResult(
+                prior.response["usage_record_id"],
+                prior.response["cost_micros"],
+                tuple(WindowView.from_json(w) for w in prior.response["windows"]),
+                replayed=True,
+            )
+        raise outcomes.reused_request_id(req.request_id, prior.operation)
+    if req.occurred_at > now + REPORT_CLOCK_SKEW:
+        raise InvalidRequest("occurred_at is in the future")
+    if req.occurred_at < now - rules.idempotency_ttl:
+        raise InvalidRequest(
+            f"occurred_at is more than {rules.idempotency_ttl} ago: its request_id can no "
+            "longer be checked for duplicates, so it cannot be counted safely"
+        )
+    price = cost(req.tokens, prices, now)
+    ctx = state.ctx
+    quotas, windows = state.windows_at(req.resource, req.occurred_at)
+    counts = state.counts
+    window_counts = outcomes.window_counts(quotas, windows, counts, req.resource)
+    over = not ctx.unlimited and any(
+        w.used + w.reserved + req.amount > w.quota.limit for w in window_counts
+    )
+    _notify(state, quotas, windows, counts, req.resource, req.amount, changes)
+    record_id = new_id("ur", now)
+    result = ReportResult(
+        record_id,
+        price,
+        outcomes.window_views(quotas, windows, counts, req.resource, req.amount, ctx.unlimited),
+    )
+    for w in windows:
+        add_delta(counts, (req.resource, w.period, w.start), req.amount, 0)
+    record = outcomes.report_record(req, record_id, ctx.plan_id, price, over)
+    changes.records.append((req.tenant_id, record))
+    _claim(state, req.request_id, req.OPERATION, fingerprint, result.to_json(), changes)
     return result
 
 

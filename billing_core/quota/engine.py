@@ -18,6 +18,7 @@ from billing_core.quota.answers import (
     CommitResult,
     Decision,
     FreeResult,
+    ReportResult,
     Result,
     UsageReport,
 )
@@ -30,6 +31,7 @@ from billing_core.quota.requests import (
     ConsumeRequest,
     FreeRequest,
     ReleaseRequest,
+    ReportRequest,
     Request,
     ReserveRequest,
     UsageRequest,
@@ -106,6 +108,10 @@ class QuotaEngine:
 
     async def free(self, req: FreeRequest) -> FreeResult:
         return _expect(await self.decide(req), FreeResult)
+
+    async def report(self, req: ReportRequest) -> ReportResult:
+        """ReportUsage: fail-open usage counted after the fact."""
+        return _expect(await self.decide(req), ReportResult)
 
     async def decide(self, req: Request) -> Result:
         """One request in a transaction of its own; its error is returned, not raised."""

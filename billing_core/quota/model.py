@@ -61,7 +61,7 @@ class UsageRecord(NamedTuple):
     occurred_at: datetime
     resource: str
     amount: int
-    kind: str  # consume, commit, free
+    kind: str  # consume, commit, free, fail_open (a ReportUsage)
     request_id: str | None
     reservation_id: str | None
     plan_id: str | None

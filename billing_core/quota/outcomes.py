@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from billing_core.errors import Conflict, InvalidRequest
 from billing_core.quota.answers import CommitResult, Decision, WindowView
 from billing_core.quota.model import Counts, PlanOffer, Reservation, TenantContext, UsageRecord
-from billing_core.quota.requests import CommitRequest, ConsumeRequest, FreeRequest
+from billing_core.quota.requests import CommitRequest, ConsumeRequest, FreeRequest, ReportRequest
 from billing_core.rules.limits import (
     Quota,
     Reason,
@@ -288,6 +288,17 @@ def free_record(
     return UsageRecord(
         record_id, now, req.resource, -req.amount, "free", req.request_id, None, plan_id,
         None, None, 0, 0, 0, 0, False, {},
+    )  # fmt: skip
+
+
+def report_record(
+    req: ReportRequest, record_id: str, plan_id: str | None, cost: int, over_limit: bool
+) -> UsageRecord:
+    """The usage record of a ReportUsage: fail-open usage at the time it happened, paid by
+    no wallet, over the limit when it pushed a window past it."""
+    return UsageRecord(
+        record_id, req.occurred_at, req.resource, req.amount, "fail_open", req.request_id,
+        None, plan_id, *token_fields(req.tokens), cost, 0, over_limit, req.labels,
     )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
-"""The quota requests: CheckAndConsume, Reserve, Commit, Release, Free, GetUsage and the
-sweep's Tidy, each with its validation and the fingerprint a retry must match.
+"""The quota requests: CheckAndConsume, Reserve, Commit, Release, Free, ReportUsage,
+GetUsage and the sweep's Tidy, each with its validation and the fingerprint a retry must
+match.
 
 Transports build these from their wire messages; the engine never sees protobuf.
 """
@@ -10,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar
 
 from billing_core.errors import InvalidRequest
@@ -199,6 +201,46 @@ class FreeRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportRequest:
+    """ReportUsage: usage a client allowed while the sidecar could not be reached (it
+    fell open), reported afterwards. Never denied; counted into the windows that contain
+    `occurred_at`, even past a limit; recorded as fail-open."""
+
+    tenant_id: str
+    resource: str
+    amount: int
+    request_id: str
+    occurred_at: datetime
+    tokens: TokenUsage | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    OPERATION: ClassVar[str] = "report"
+
+    def validate(self) -> None:
+        _require_tenant(self.tenant_id)
+        validate_resource(self.resource)
+        _require_amount(self.amount)
+        _require_request_id(self.request_id)
+        _require_labels(self.labels)
+        if self.tokens is not None:
+            self.tokens.validate()
+        if self.occurred_at.tzinfo is None:
+            raise InvalidRequest("occurred_at is required (a moment with its timezone)")
+
+    def as_admission(self) -> ConsumeRequest:
+        """The CheckAndConsume the client asked before it fell open."""
+        return ConsumeRequest(
+            self.tenant_id, self.resource, self.amount, self.request_id,
+            tokens=self.tokens, labels=self.labels,
+        )  # fmt: skip
+
+    def fingerprint(self) -> str:
+        return self.as_admission().fingerprint(
+            self.OPERATION, {"occurred_at": self.occurred_at.isoformat()}
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class UsageRequest:
     tenant_id: str
     resource: str | None = None
@@ -222,5 +264,7 @@ class TidyRequest:
 
 
 # what a batch decides: CheckAndConsume or Reserve (a ReserveRequest), Commit, Release,
-# Free, Tidy
-Request = ConsumeRequest | CommitRequest | ReleaseRequest | FreeRequest | TidyRequest
+# Free, ReportUsage, Tidy
+Request = (
+    ConsumeRequest | CommitRequest | ReleaseRequest | FreeRequest | ReportRequest | TidyRequest
+)

@@ -117,6 +117,33 @@ usage = st.one_of(
     st.builds(pb.GetUsageRequest, tenant_id=tenants),
     st.builds(pb.GetUsageRequest, tenant_id=tenants, resource=resources),
 )
+
+
+def _report(
+    t: str, r: str, a: int, i: str, k: pb.TokenUsage | None, lb: dict[str, str], at: int | None
+) -> pb.ReportUsageRequest:
+    msg = pb.ReportUsageRequest(tenant_id=t, resource=r, amount=a, request_id=i, labels=lb)
+    if at is not None:
+        msg.occurred_at.seconds = at
+    result: pb.ReportUsageRequest = _with_tokens(msg, k)
+    return result
+
+
+NOW_S = int(datetime.now(UTC).timestamp())
+report = st.builds(
+    _report,
+    tenants,
+    resources,
+    amounts,
+    request_ids,
+    tokens,
+    labels,
+    st.one_of(
+        st.none(),
+        st.integers(min_value=NOW_S - 2 * 86_400, max_value=NOW_S + 600),
+        st.sampled_from([0, -(2**62), 2**62, 253402300800, -62135596801]),
+    ),
+)
 CALLS = {
     "CheckAndConsume": consume,
     "Reserve": reserve,
@@ -124,6 +151,7 @@ CALLS = {
     "Release": release,
     "Free": free,
     "GetUsage": usage,
+    "ReportUsage": report,
 }
 
 
@@ -158,7 +186,7 @@ async def stub(sidecar: QuotaServer) -> AsyncIterator[quota_service_pb2_grpc.Quo
 
 
 @settings(
-    max_examples=300,
+    max_examples=400,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -26,5 +26,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_constraint("ck_api_keys_scope_known", "api_keys", type_="check")
+    op.drop_constraint(op.f("ck_api_keys_scope_known"), "api_keys", type_="check")
     op.drop_column("api_keys", "scope")

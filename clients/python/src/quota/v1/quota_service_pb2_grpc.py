@@ -65,6 +65,11 @@ class QuotaServiceStub:
                 request_serializer=quota_dot_v1_dot_quota__service__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=quota_dot_v1_dot_quota__service__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.ReportUsage = channel.unary_unary(
+                '/quota.v1.QuotaService/ReportUsage',
+                request_serializer=quota_dot_v1_dot_quota__service__pb2.ReportUsageRequest.SerializeToString,
+                response_deserializer=quota_dot_v1_dot_quota__service__pb2.ReportUsageResponse.FromString,
+                _registered_method=True)
 
 
 class QuotaServiceServicer:
@@ -113,6 +118,14 @@ class QuotaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportUsage(self, request, context):
+        """ReportUsage counts usage a client allowed while it could not reach the sidecar
+        (it fell open): never denied, counted into the windows of occurred_at.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QuotaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_QuotaServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=quota_dot_v1_dot_quota__service__pb2.GetUsageRequest.FromString,
                     response_serializer=quota_dot_v1_dot_quota__service__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ReportUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportUsage,
+                    request_deserializer=quota_dot_v1_dot_quota__service__pb2.ReportUsageRequest.FromString,
+                    response_serializer=quota_dot_v1_dot_quota__service__pb2.ReportUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +328,33 @@ class QuotaService:
             '/quota.v1.QuotaService/GetUsage',
             quota_dot_v1_dot_quota__service__pb2.GetUsageRequest.SerializeToString,
             quota_dot_v1_dot_quota__service__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quota.v1.QuotaService/ReportUsage',
+            quota_dot_v1_dot_quota__service__pb2.ReportUsageRequest.SerializeToString,
+            quota_dot_v1_dot_quota__service__pb2.ReportUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class QuotaServiceStub:
     """Free lowers a cumulative resource (an agent deleted, storage freed)."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_quota_service_pb2.GetUsageRequest, _quota_service_pb2.GetUsageResponse]
     """GetUsage reports every window of a tenant's resources."""
+    ReportUsage: _grpc.UnaryUnaryMultiCallable[_quota_service_pb2.ReportUsageRequest, _quota_service_pb2.ReportUsageResponse]
+    """ReportUsage counts usage a client allowed while it could not reach the sidecar
+    (it fell open): never denied, counted into the windows of occurred_at.
+    """
 
 @_typing.type_check_only
 class QuotaServiceAsyncStub(QuotaServiceStub):
@@ -65,6 +69,10 @@ class QuotaServiceAsyncStub(QuotaServiceStub):
     """Free lowers a cumulative resource (an agent deleted, storage freed)."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_quota_service_pb2.GetUsageRequest, _quota_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage reports every window of a tenant's resources."""
+    ReportUsage: _aio.UnaryUnaryMultiCallable[_quota_service_pb2.ReportUsageRequest, _quota_service_pb2.ReportUsageResponse]  # type: ignore[assignment]
+    """ReportUsage counts usage a client allowed while it could not reach the sidecar
+    (it fell open): never denied, counted into the windows of occurred_at.
+    """
 
 class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
     """QuotaService decides, records and explains resource usage for a tenant."""
@@ -116,5 +124,15 @@ class QuotaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_quota_service_pb2.GetUsageResponse, _abc.Awaitable[_quota_service_pb2.GetUsageResponse]]:
         """GetUsage reports every window of a tenant's resources."""
+
+    @_abc_1.abstractmethod
+    def ReportUsage(
+        self,
+        request: _quota_service_pb2.ReportUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quota_service_pb2.ReportUsageResponse, _abc.Awaitable[_quota_service_pb2.ReportUsageResponse]]:
+        """ReportUsage counts usage a client allowed while it could not reach the sidecar
+        (it fell open): never denied, counted into the windows of occurred_at.
+        """
 
 def add_QuotaServiceServicer_to_server(servicer: QuotaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
