@@ -9,6 +9,7 @@ from quota.v1 import quota_service_pb2 as pb
 
 from quota_client._async import AsyncQuotaClient, AsyncReservation
 from quota_client._messages import FailureMode, QuotaUnavailable, Tokens
+from quota_client._spool import SpoolStatus
 from quota_client._sync import QuotaClient, Reservation
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "QuotaClient",
     "QuotaUnavailable",
     "Reservation",
+    "SpoolStatus",
     "Tokens",
     "pb",
 ]

@@ -24,12 +24,14 @@ from quota_client._messages import (
     unreachable_consume,
     unreachable_reserve,
 )
+from quota_client._spool import Drainer, Spool, SpooledUsage, SpoolStatus
 
 R = TypeVar("R")
 
 
 class AsyncQuotaClient:
-    """Typed asyncio client for quota.v1.QuotaService (see QuotaClient for the rules)."""
+    """Typed asyncio client for quota.v1.QuotaService (see QuotaClient for the rules,
+    `spool_path` included: the spool is drained by a thread with a channel of its own)."""
 
     def __init__(
         self,
@@ -40,12 +42,30 @@ class AsyncQuotaClient:
         default_timeout: float = 2.0,
         retries: int = 3,
         backoff: float = 0.05,
+        spool_path: str | None = None,
+        drain_interval: float = 1.0,
     ) -> None:
         self._channel = (
             grpc.aio.secure_channel(target, credentials)
             if credentials
             else grpc.aio.insecure_channel(target)
         )
+        self._drainer: Drainer | None = None
+        self._drain_channel: grpc.Channel | None = None
+        if spool_path is not None:
+            self._drain_channel = (
+                grpc.secure_channel(target, credentials)
+                if credentials
+                else grpc.insecure_channel(target)
+            )
+            reporter = pb_grpc.QuotaServiceStub(self._drain_channel).ReportUsage
+            sent = metadata(token)
+
+            def report(request: pb.ReportUsageRequest, timeout: float) -> None:
+                reporter(request, timeout=timeout, metadata=sent)
+
+            self._drainer = Drainer(Spool(spool_path), report, interval=drain_interval)
+            self._drainer.start()
         self._stub = pb_grpc.QuotaServiceStub(self._channel)
         self._metadata = metadata(token)
         self._timeout = default_timeout
@@ -59,7 +79,35 @@ class AsyncQuotaClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._drainer is not None:
+            await asyncio.to_thread(self._drainer.stop)
+        if self._drain_channel is not None:
+            self._drain_channel.close()
         await self._channel.close(None)
+
+    async def _spool(self, usage: SpooledUsage) -> bool:
+        if self._drainer is None:
+            return False
+        await asyncio.to_thread(self._drainer.spool.append, usage)
+        self._drainer.wake()
+        return True
+
+    async def pending_spooled(self) -> int:
+        """How many calls allowed open wait to be reported (0 without a spool)."""
+        if self._drainer is None:
+            return 0
+        return len(await asyncio.to_thread(self._drainer.spool.pending))
+
+    async def spool_status(self) -> SpoolStatus | None:
+        if self._drainer is None:
+            return None
+        return await asyncio.to_thread(self._drainer.spool.status)
+
+    async def drain_spool(self, timeout: float = 2.0) -> int:
+        """Report the spool now; how many still wait."""
+        if self._drainer is None:
+            return 0
+        return await asyncio.to_thread(self._drainer.once, timeout)
 
     async def _call(
         self, fn: Callable[..., Awaitable[R]], request: object, timeout: float | None
@@ -94,7 +142,10 @@ class AsyncQuotaClient:
         except QuotaUnavailable:
             if failure_mode is FailureMode.RAISE:
                 raise
-            return unreachable_consume(failure_mode)
+            spooled = failure_mode is FailureMode.OPEN and not dry_run
+            return unreachable_consume(
+                failure_mode, spooled=spooled and await self._spool(SpooledUsage.of(request))
+            )
 
     async def reserve(
         self,
@@ -119,6 +170,8 @@ class AsyncQuotaClient:
             if failure_mode is FailureMode.RAISE:
                 raise
             response = unreachable_reserve(failure_mode)
+            if response.allowed and self._drainer is not None:
+                return AsyncReservation(self, tenant_id, response, fell_open=request)
         return AsyncReservation(self, tenant_id, response)
 
     async def commit(
@@ -168,12 +221,19 @@ class AsyncReservation:
     """A reservation as an async context manager: released on exit unless committed."""
 
     def __init__(
-        self, client: AsyncQuotaClient, tenant_id: str, response: pb.ReserveResponse
+        self,
+        client: AsyncQuotaClient,
+        tenant_id: str,
+        response: pb.ReserveResponse,
+        *,
+        fell_open: pb.ReserveRequest | None = None,
     ) -> None:
         self._client = client
         self.tenant_id = tenant_id
         self.response = response
         self.committed: pb.CommitResponse | None = None
+        # allowed open with a spool: its Commit spools the amount used
+        self._fell_open = fell_open
 
     @property
     def allowed(self) -> bool:
@@ -184,6 +244,10 @@ class AsyncReservation:
         return self.response.reservation_id
 
     async def commit(self, amount: int, **kwargs: Any) -> pb.CommitResponse:
+        if self._fell_open is not None:
+            await self._client._spool(SpooledUsage.of(self._fell_open, amount))
+            self.committed = pb.CommitResponse()
+            return self.committed
         if not self.reservation_id:
             raise RuntimeError(
                 f"nothing to commit: the reservation was denied ({self.response.message})"

@@ -103,14 +103,15 @@ def commit_request(
     )
 
 
-def unreachable_consume(mode: FailureMode) -> pb.CheckAndConsumeResponse:
+def unreachable_consume(mode: FailureMode, *, spooled: bool = False) -> pb.CheckAndConsumeResponse:
     allowed = mode is FailureMode.OPEN
+    message = UNREACHABLE_MESSAGE.format(
+        verdict="allowed" if allowed else "denied", mode=f"fail-{mode.value}"
+    )
     return pb.CheckAndConsumeResponse(
         allowed=allowed,
         reason=pb.REASON_UNSPECIFIED,
-        message=UNREACHABLE_MESSAGE.format(
-            verdict="allowed" if allowed else "denied", mode=f"fail-{mode.value}"
-        ),
+        message=message + ("; spooled, reported when the sidecar answers" if spooled else ""),
     )
 
 

@@ -24,6 +24,7 @@ from quota_client._messages import (
     unreachable_consume,
     unreachable_reserve,
 )
+from quota_client._spool import Drainer, Spool, SpooledUsage, SpoolStatus
 
 R = TypeVar("R")
 
@@ -34,6 +35,12 @@ class QuotaClient:
     Every call has a deadline (`timeout`, default `default_timeout`), is retried on
     UNAVAILABLE with the same request_id (so a retry is never counted twice), and, when
     the sidecar stays unreachable, follows the call's `failure_mode`.
+
+    With `spool_path`, usage allowed by `FailureMode.OPEN` is appended to that local,
+    fsync'd spool before the call returns, and a background thread reports it with
+    ReportUsage once the sidecar answers — exactly once, also after this process was
+    killed and a new client opened the same spool (`pending_spooled()` tells how many
+    wait).
     """
 
     def __init__(
@@ -45,6 +52,8 @@ class QuotaClient:
         default_timeout: float = 2.0,
         retries: int = 3,
         backoff: float = 0.05,
+        spool_path: str | None = None,
+        drain_interval: float = 1.0,
     ) -> None:
         self._channel = (
             grpc.secure_channel(target, credentials)
@@ -56,6 +65,31 @@ class QuotaClient:
         self._timeout = default_timeout
         self._retries = retries
         self._backoff = backoff
+        self._drainer: Drainer | None = None
+        if spool_path is not None:
+            self._drainer = Drainer(Spool(spool_path), self._report_once, interval=drain_interval)
+            self._drainer.start()
+
+    def _report_once(self, request: pb.ReportUsageRequest, timeout: float) -> None:
+        self._stub.ReportUsage(request, timeout=timeout, metadata=self._metadata)
+
+    def _spool(self, usage: SpooledUsage) -> bool:
+        if self._drainer is None:
+            return False
+        self._drainer.spool.append(usage)
+        self._drainer.wake()
+        return True
+
+    def pending_spooled(self) -> int:
+        """How many calls allowed open wait to be reported (0 without a spool)."""
+        return 0 if self._drainer is None else len(self._drainer.spool.pending())
+
+    def spool_status(self) -> SpoolStatus | None:
+        return None if self._drainer is None else self._drainer.spool.status()
+
+    def drain_spool(self, timeout: float = 2.0) -> int:
+        """Report the spool now, in this thread; how many still wait."""
+        return 0 if self._drainer is None else self._drainer.once(timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -64,6 +98,8 @@ class QuotaClient:
         self.close()
 
     def close(self) -> None:
+        if self._drainer is not None:
+            self._drainer.stop()
         self._channel.close()
 
     def _call(self, fn: Callable[..., R], request: object, timeout: float | None) -> R:
@@ -98,7 +134,10 @@ class QuotaClient:
         except QuotaUnavailable:
             if failure_mode is FailureMode.RAISE:
                 raise
-            return unreachable_consume(failure_mode)
+            spooled = failure_mode is FailureMode.OPEN and not dry_run
+            return unreachable_consume(
+                failure_mode, spooled=spooled and self._spool(SpooledUsage.of(request))
+            )
 
     def reserve(
         self,
@@ -123,6 +162,8 @@ class QuotaClient:
             if failure_mode is FailureMode.RAISE:
                 raise
             response = unreachable_reserve(failure_mode)
+            if response.allowed and self._drainer is not None:
+                return Reservation(self, tenant_id, response, fell_open=request)
         return Reservation(self, tenant_id, response)
 
     def commit(
@@ -171,11 +212,20 @@ class QuotaClient:
 class Reservation:
     """A reservation as a context manager: released on exit unless committed."""
 
-    def __init__(self, client: QuotaClient, tenant_id: str, response: pb.ReserveResponse) -> None:
+    def __init__(
+        self,
+        client: QuotaClient,
+        tenant_id: str,
+        response: pb.ReserveResponse,
+        *,
+        fell_open: pb.ReserveRequest | None = None,
+    ) -> None:
         self._client = client
         self.tenant_id = tenant_id
         self.response = response
         self.committed: pb.CommitResponse | None = None
+        # allowed open with a spool: its Commit spools the amount used
+        self._fell_open = fell_open
 
     @property
     def allowed(self) -> bool:
@@ -192,6 +242,11 @@ class Reservation:
         tokens: Tokens | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> pb.CommitResponse:
+        if self._fell_open is not None:
+            usage = SpooledUsage.of(self._fell_open, amount)
+            self._client._spool(usage)
+            self.committed = pb.CommitResponse()
+            return self.committed
         if not self.reservation_id:
             raise RuntimeError(
                 f"nothing to commit: the reservation was denied ({self.response.message})"
