@@ -52,6 +52,10 @@ _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 _MAX_FORGOTTEN = 100  # more connections than any pool has
 _MAX_ABORTED = 5
 _MAX_LOST = 2  # connections found dead in a row before the call answers UNAVAILABLE
+# while the database is known to be unreachable, how long a transaction waits for a
+# connection before it answers UNAVAILABLE (the first one to find it so waited the full
+# acquire timeout): callers hear at once, and each call still probes whether it is back
+_ACQUIRE_WHILE_DOWN_S = 0.2
 # a connection that died under the call (its backend was terminated or crashed, an idle
 # timeout closed it, its socket broke): another one may well work
 _LOST_SQLSTATES = frozenset(("57P01", "57P02", "57P05"))
@@ -253,6 +257,14 @@ class PgQuotaStore:
         self._acquire_timeout_s = acquire_timeout_s
         self._session_lock_timeouts = session_lock_timeouts
         self.connections_lost = 0
+        # set when no connection could be had within the acquire timeout; cleared by the
+        # first transaction that gets one
+        self.database_down = False
+
+    def _acquire_s(self) -> float:
+        if self.database_down:
+            return min(self._acquire_timeout_s, _ACQUIRE_WHILE_DOWN_S)
+        return self._acquire_timeout_s
 
     async def run(self, work: Work[T], *, lock_timeout_ms: int = 0, shared: bool = True) -> T:
         pool = self._pool if shared else self._batch_pool
@@ -265,7 +277,7 @@ class PgQuotaStore:
 
         async def attempt() -> T:
             async with (
-                pool.connection(timeout=self._acquire_timeout_s) as conn,
+                pool.connection(timeout=self._acquire_s()) as conn,
                 Wire.open(conn) as wire,
             ):
                 wire.send(BEGIN)
@@ -282,7 +294,14 @@ class PgQuotaStore:
         aborted = forgotten = lost = 0
         while True:
             try:
-                return await attempt()
+                result = await attempt()
+                self.database_down = False
+                return result
+            except PoolTimeout:
+                if not self.database_down:
+                    log.warning("database_unreachable", acquire_timeout_s=self._acquire_timeout_s)
+                self.database_down = True
+                raise Unavailable("database unavailable: no connection") from None
             except FORGOTTEN:  # once per connection after psycopg deallocated (db/wire.py)
                 forgotten += 1
                 if forgotten > _MAX_FORGOTTEN:
@@ -310,7 +329,7 @@ class PgQuotaStore:
 
     async def _json_rows(self, sql: str, params: dict[str, Any]) -> list[Any]:
         async def attempt() -> list[Any]:
-            async with self._pool.connection(timeout=self._acquire_timeout_s) as conn:
+            async with self._pool.connection(timeout=self._acquire_s()) as conn:
                 cur = await conn.execute(sql, params)
                 row = await cur.fetchone()
                 return orjson.loads(row[0]) if row and row[0] else []
@@ -328,7 +347,7 @@ class PgQuotaStore:
     async def delete_expired_keys(self, now: datetime, limit: int) -> int:
         async def attempt() -> int:
             async with (
-                self._pool.connection(timeout=self._acquire_timeout_s) as conn,
+                self._pool.connection(timeout=self._acquire_s()) as conn,
                 conn.transaction(),
             ):
                 cur = await conn.execute(DELETE_EXPIRED_KEYS, {"now": now, "n": limit})
