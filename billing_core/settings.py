@@ -60,6 +60,9 @@ class Settings:
     # where browsers reach the control plane (checkout success/cancel and portal return URLs)
     public_base_url: str = "http://127.0.0.1:8000"
     trial_expiry_seconds: int = 60
+    # a webhook event stored this long ago and never applied (its process died) is applied
+    # by the control plane's housekeeping, which runs every trial_expiry_seconds
+    webhook_reclaim_seconds: int = 300
     # billing and admin pages: the key that signs billing links, sessions and forms; how long
     # a session lasts; who may embed the billing pages (CSP frame-ancestors)
     billing_link_secret: str = ""
@@ -109,6 +112,7 @@ class Settings:
             admin_api_key=_str(env, "ADMIN_API_KEY"),
             public_base_url=_str(env, "PUBLIC_BASE_URL", "http://127.0.0.1:8000").rstrip("/"),
             trial_expiry_seconds=_int(env, "TRIAL_EXPIRY_SECONDS", 60),
+            webhook_reclaim_seconds=_int(env, "WEBHOOK_RECLAIM_SECONDS", 300),
             billing_link_secret=_str(env, "BILLING_LINK_SECRET"),
             billing_session_hours=_int(env, "BILLING_SESSION_HOURS", 12),
             admin_session_hours=_int(env, "ADMIN_SESSION_HOURS", 8),
@@ -144,6 +148,8 @@ class Settings:
             raise InvalidRequest("QUOTA_COALESCE_STALL_MS must be between 0 and 60000")
         if not 0 <= self.batch_lock_timeout_ms <= 600_000:
             raise InvalidRequest("QUOTA_BATCH_LOCK_TIMEOUT_MS must be between 0 and 600000")
+        if self.webhook_reclaim_seconds < 1:
+            raise InvalidRequest("WEBHOOK_RECLAIM_SECONDS must be at least 1")
         if self.past_due_grace_days < 0:
             raise InvalidRequest("PAST_DUE_GRACE_DAYS must not be negative")
         if self.auth_failures_per_minute < 0:

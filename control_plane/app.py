@@ -18,7 +18,7 @@ from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from billing_core.billing import subscriptions
+from billing_core.billing import subscriptions, webhooks
 from billing_core.billing.provider import BillingAdapter
 from billing_core.clock import Clock, SystemClock
 from billing_core.db.migrate import head_revision
@@ -60,6 +60,11 @@ def create_app(
         ["type"],
         registry=registry,
     )
+    webhook_reclaimed = Counter(
+        "billing_webhook_events_reclaimed",
+        "Webhook events stored but never applied (their process died), applied by housekeeping",
+        registry=registry,
+    )
     openapi = openapi_document(ENDPOINTS, "Billing control plane", API_VERSION)
     docs_html = render_docs(openapi)
 
@@ -69,7 +74,9 @@ def create_app(
         app.state.db = db
         grace = timedelta(days=settings.past_due_grace_days)
         app.state.engine = QuotaEngine(db.quota_store, clock, QuotaRules(past_due_grace=grace))
-        expiry = asyncio.create_task(_expire_trials_forever(db, clock, settings))
+        expiry = asyncio.create_task(
+            _housekeeping_forever(db, app.state.billing, clock, settings, webhook_reclaimed)
+        )
         try:
             yield
         finally:
@@ -142,16 +149,27 @@ def create_app(
     return app
 
 
-async def _expire_trials_forever(db: Database, clock: Clock, settings: Settings) -> None:
-    """The periodic half of trial expiry (the CLI's expire-trials is the other)."""
+async def _housekeeping_forever(
+    db: Database,
+    billing: BillingAdapter,
+    clock: Clock,
+    settings: Settings,
+    reclaimed: Counter,
+) -> None:
+    """Every TRIAL_EXPIRY_SECONDS: expire trials past their end (the CLI's expire-trials
+    does it on demand) and apply webhook events stored but never applied."""
+    reclaim_after = timedelta(seconds=settings.webhook_reclaim_seconds)
     while True:
         try:
             async with db.transaction() as uow:
                 expired = await subscriptions.expire_trials(uow, "trial-expiry", clock.now())
             if expired:
                 log.info("trials_expired", count=expired)
+            taken = await webhooks.reclaim_stale(db, billing, clock.now(), reclaim_after)
+            if taken:
+                reclaimed.inc(taken)
         except Exception as exc:
-            log.warning("trial_expiry_skipped", error=type(exc).__name__)
+            log.warning("housekeeping_skipped", error=type(exc).__name__)
         await asyncio.sleep(max(1, settings.trial_expiry_seconds))
 
 

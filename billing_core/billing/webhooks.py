@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -63,6 +63,23 @@ async def process(
             await _tell_tenant(uow, event, now)
         log.error("webhook_failed", event_id=event.event_id, type=event.type, error=error)
         raise
+
+
+async def reclaim_stale(
+    db: Database, adapter: BillingAdapter, now: datetime, older_than: timedelta, limit: int = 100
+) -> int:
+    """Apply the events stored more than `older_than` ago and still `received`: their
+    process died between storing and applying them, and the provider may not send them
+    again. Each is applied as a delivery would (once; a failure is recorded on it). Returns
+    how many were taken up."""
+    async with db.transaction() as uow:
+        payloads = await uow.webhook_events.stale(now - older_than, limit)
+    for payload in payloads:
+        event = adapter.parse_stored_event(payload)
+        log.warning("webhook_reclaimed", event_id=event.event_id, type=event.type)
+        with contextlib.suppress(Exception):  # recorded on the event by process()
+            await process(db, adapter, event, now)
+    return len(payloads)
 
 
 async def _tell_tenant(uow: UnitOfWork, event: BillingEvent, now: datetime) -> None:

@@ -51,6 +51,16 @@ class WebhookEventRepository:
             (error[:2000], event_id),
         )
 
+    async def stale(self, received_before: datetime, limit: int) -> list[dict[str, Any]]:
+        """Payloads of events stored before `received_before` and never finished (their
+        process died between storing and applying them), oldest first."""
+        cur = await self._conn.execute(
+            "SELECT payload FROM stripe_webhook_events WHERE status = 'received'"
+            " AND received_at < %s ORDER BY received_at LIMIT %s",
+            (received_before, limit),
+        )
+        return [r[0] if isinstance(r[0], dict) else json.loads(r[0]) for r in await cur.fetchall()]
+
     async def page(self, *, status: str | None, after: str | None, limit: int) -> list[StoredEvent]:
         cur = await self._conn.execute(
             f"SELECT {_COLUMNS} FROM stripe_webhook_events"
