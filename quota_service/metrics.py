@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from billing_core.db.unit_of_work import Database
 from billing_core.quota.engine import QuotaEngine
 from quota_service.coalescer import Coalescer
 
@@ -91,3 +92,31 @@ class EngineCollector(Collector):
                 " held elsewhere; their lane went on without them",
                 value=self._coalescer.overtaken,
             )
+
+
+class PoolCollector(Collector):
+    """The database pools at scrape time: connections in use and idle, callers waiting."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    def collect(self) -> Iterator[Metric]:
+        connections = GaugeMetricFamily(
+            "quota_db_pool_connections",
+            "Connections of the sidecar's pools (shared, batch) by state (in_use, idle)",
+            labels=["pool", "state"],
+        )
+        waiting = GaugeMetricFamily(
+            "quota_db_pool_waiting", "Callers waiting for a connection", labels=["pool"]
+        )
+        pools = [("shared", self._database.pool), ("batch", self._database.batch_pool)]
+        for name, pool in pools:
+            if pool is None:
+                continue
+            stats = pool.get_stats()
+            idle = stats.get("pool_available", 0)
+            connections.add_metric([name, "in_use"], stats.get("pool_size", 0) - idle)
+            connections.add_metric([name, "idle"], idle)
+            waiting.add_metric([name], stats.get("requests_waiting", 0))
+        yield connections
+        yield waiting

@@ -25,7 +25,7 @@ from billing_core.quota.engine import QuotaEngine, QuotaRules
 from billing_core.quota.sweeps import Sweeper
 from billing_core.settings import Settings
 from quota_service.coalescer import Coalescer
-from quota_service.metrics import EngineCollector, Metrics
+from quota_service.metrics import EngineCollector, Metrics, PoolCollector
 from quota_service.servicer import QuotaServicer, add_to_server
 
 log = structlog.get_logger(__name__)
@@ -198,6 +198,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
         else None
     )
     registry.register(EngineCollector(engine, coalescer))
+    registry.register(PoolCollector(database))
     servicer = QuotaServicer(engine, metrics, coalescer)
     add_to_server(servicer, server)
     health = AsyncHealthServicer()
