@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PY_PACKAGES := billing_core quota_service control_plane stripe_emulator clients/python/src/quota_client scripts tests bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-browser screenshots lint fmt proto check-generated bench clean
+.PHONY: help install run test test-browser screenshots lint fmt proto check-generated bench reliability clean
 
 help: ## list the targets with one line each
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-16s %s\n", $$1, $$2}'
@@ -54,6 +54,16 @@ screenshots: $(STAMP) ## render the main pages with demo data into docs/screensh
 
 bench: $(STAMP) ## benchmarks side by side with an echo server and the textbook implementation (README: Performance)
 	$(PY) -m bench
+
+RELIABILITY_SCALE ?= 20
+RELIABILITY_SUITES := tests/reliability tests/e2e/test_grpc_fuzz.py tests/e2e/test_fail_open_spool.py tests/billing/test_webhooks.py
+reliability: $(STAMP) ## fault, storm and fuzz suites with larger counts (minutes); writes docs/reliability.md
+	@mkdir -p .artifacts && rm -f .artifacts/reliability.jsonl
+	@start=$$(date +%s); \
+	RELIABILITY_SCALE=$(RELIABILITY_SCALE) RELIABILITY_REPORT=$(CURDIR)/.artifacts/reliability.jsonl \
+		$(PY) -m pytest -q $(RELIABILITY_SUITES) && \
+	$(PY) scripts/reliability_report.py .artifacts/reliability.jsonl docs/reliability.md \
+		$(RELIABILITY_SCALE) $$(( $$(date +%s) - start ))
 
 clean: ## remove .venv and .data (stops nothing that is running)
 	rm -rf $(VENV) .data

@@ -18,6 +18,7 @@ from billing_core.settings import Settings
 from quota_service.server import create_server
 from tests import factories as f
 from tests.conftest import fresh_database
+from tests.reliability import harness
 
 ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -51,6 +52,7 @@ def _free_port() -> int:
 async def test_usage_allowed_open_is_counted_once_after_a_crash(
     server_url: str, tmp_path: Path
 ) -> None:
+    calls = 50 * harness.scale()
     port, spool = _free_port(), str(tmp_path / "usage.spool")
     target = f"127.0.0.1:{port}"
     with fresh_database(server_url, "bp_spool") as url:
@@ -61,10 +63,10 @@ async def test_usage_allowed_open_is_counted_once_after_a_crash(
             tenant = await f.tenant(pool, now, "spooler", plan)
             # the sidecar is down: everything is allowed open, then the client is killed
             code, out = await _client(
-                "allow", "--target", target, "--spool", spool, "--tenant", tenant, "--calls", "50"
+                "allow", "--target", target, "--spool", spool, "--tenant", tenant, "--calls", str(calls)
             )
-            assert code == -signal.SIGKILL and out.split()[0] == "50", out
-            assert len(_lines(spool)) == 50
+            assert code == -signal.SIGKILL and out.split()[0] == str(calls), out
+            assert len(_lines(spool)) == calls
             server = await create_server(
                 Settings(database_url=url, grpc_port=port, metrics_port=-1)
             )
@@ -83,11 +85,21 @@ async def test_usage_allowed_open_is_counted_once_after_a_crash(
                 " FROM usage_records WHERE tenant_id = %s",
                 tenant,
             )
-            assert records == [(50, 50, 50, True, 40)]
+            assert records == [(calls, calls, calls, True, calls - 10)]
             [(used,)] = await f.fetch(
                 pool, "SELECT used FROM usage_counters WHERE tenant_id = %s", tenant
             )
-            assert used == 50
+            assert used == calls
             assert _lines(spool) == []  # emptied once all was reported
+            harness.report(
+                "fail-open with the spool: sidecar down, client SIGKILLed, both back",
+                load=calls,
+                load_unit="calls",
+                faults=2,
+                lost=calls - records[0][1],
+                counted_twice=records[0][0] - records[0][1],
+                applied_twice=0,
+                notes="every call allowed open reported once, marked fail_open",
+            )
         finally:
             await pool.close()
