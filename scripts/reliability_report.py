@@ -19,13 +19,13 @@ HEADER = (
 
 
 def _row(r: dict[str, Any]) -> str:
-    load = f"{r['load']:,} {r.get('load_unit', '')}".strip() if "load" in r else "–"
-    outage = f"{r['longest_outage_answer_ms']:,} ms" if "longest_outage_answer_ms" in r else "–"
+    load = f"{r['load']:,} {r.get('load_unit', '')}".strip() if "load" in r else "-"
+    outage = f"{r['longest_outage_answer_ms']:,} ms" if "longest_outage_answer_ms" in r else "-"
     cells = [
         r["suite"],
         load,
-        f"{r['faults']:,}" if "faults" in r else "–",
-        f"{r['bad_inputs']:,}" if "bad_inputs" in r else "–",
+        f"{r['faults']:,}" if "faults" in r else "-",
+        f"{r['bad_inputs']:,}" if "bad_inputs" in r else "-",
         *(str(r.get(k, 0)) for k in MUST_BE_ZERO),
         outage,
     ]

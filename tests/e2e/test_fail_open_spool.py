@@ -63,8 +63,9 @@ async def test_usage_allowed_open_is_counted_once_after_a_crash(
             tenant = await f.tenant(pool, now, "spooler", plan)
             # the sidecar is down: everything is allowed open, then the client is killed
             code, out = await _client(
-                "allow", "--target", target, "--spool", spool, "--tenant", tenant, "--calls", str(calls)
-            )
+                "allow", "--target", target, "--spool", spool, "--tenant", tenant,
+                "--calls", str(calls),
+            )  # fmt: skip
             assert code == -signal.SIGKILL and out.split()[0] == str(calls), out
             assert len(_lines(spool)) == calls
             server = await create_server(
