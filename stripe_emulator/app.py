@@ -23,6 +23,11 @@ from stripe_emulator.webhooks import WebhookConfig, WebhookSender
 Api = Callable[[Request, Obj], Obj]
 
 
+def _e(value: object) -> str:
+    """Escaped for HTML text and quoted attributes."""
+    return html.escape(str(value), quote=True)
+
+
 def _error(exc: StripeError) -> JSONResponse:
     return JSONResponse(exc.body, status_code=exc.status)
 
@@ -176,7 +181,7 @@ def create_app(settings: Settings, *, base_url: str | None = None) -> Starlette:
         cancel_link = f"<p><a href='{html.escape(cancel)}'>Cancel</a></p>" if cancel else ""
         return page(
             f"Subscribe to {product['name']}",
-            f"<p>{html.escape(due)} per {price['recurring']['interval']}.</p>{err}"
+            f"<p>{_e(due)} per {_e(price['recurring']['interval'])}.</p>{err}"
             f"<form method='post'><label>Card number <input name='card' id='card' "
             f"autocomplete='off' placeholder='4242 4242 4242 4242'></label> "
             f"<button type='submit' id='pay'>Pay</button></form>{cancel_link}",
@@ -217,19 +222,19 @@ def create_app(settings: Settings, *, base_url: str | None = None) -> Starlette:
             product = emulator.objects.get(price["product"], {"name": price["product"]})
             ending = " (cancels at period end)" if sub["cancel_at_period_end"] else ""
             parts.append(
-                f"<h2>{html.escape(product['name'])}: <span class='status'>{sub['status']}"
+                f"<h2>{html.escape(product['name'])}: <span class='status'>{_e(sub['status'])}"
                 f"</span>{ending}</h2>"
             )
             if sub["status"] == "canceled":
                 continue
             action = "resume" if sub["cancel_at_period_end"] else "cancel"
             parts.append(
-                f"<form method='post' action='/portal/{session['id']}/{action}'>"
-                f"<input type='hidden' name='sub' value='{sub['id']}'>"
+                f"<form method='post' action='/portal/{_e(session['id'])}/{action}'>"
+                f"<input type='hidden' name='sub' value='{_e(sub['id'])}'>"
                 f"<button id='{action}'>{action.title()} subscription</button></form>"
             )
             options = "".join(
-                f"<option value='{p['id']}'>{html.escape(emulator.objects[p['product']]['name'])}"
+                f"<option value='{_e(p['id'])}'>{_e(emulator.objects[p['product']]['name'])}"
                 f" {p['unit_amount'] / 100:.2f}</option>"
                 for p in prices
                 if p["id"] != price["id"]
@@ -237,20 +242,20 @@ def create_app(settings: Settings, *, base_url: str | None = None) -> Starlette:
             )
             if options:
                 parts.append(
-                    f"<form method='post' action='/portal/{session['id']}/change'>"
-                    f"<input type='hidden' name='sub' value='{sub['id']}'>"
+                    f"<form method='post' action='/portal/{_e(session['id'])}/change'>"
+                    f"<input type='hidden' name='sub' value='{_e(sub['id'])}'>"
                     f"<select name='price' id='price'>{options}</select> "
                     "<button id='change'>Change plan</button></form>"
                 )
         parts.append(
-            f"<form method='post' action='/portal/{session['id']}/card'><label>New card "
+            f"<form method='post' action='/portal/{_e(session['id'])}/card'><label>New card "
             "<input name='card' id='card'></label> <button id='update-card'>Update card"
             "</button></form><h2>Invoices</h2><ul>"
         )
         for inv in sorted(invoices, key=lambda i: i["created"]):
             parts.append(
-                f"<li>{inv['number']}: {inv['total'] / 100:.2f} {inv['currency'].upper()} "
-                f"— {inv['status']}</li>"
+                f"<li>{_e(inv['number'])}: {inv['total'] / 100:.2f} {_e(inv['currency'].upper())} "
+                f"— {_e(inv['status'])}</li>"
             )
         parts.append("</ul>")
         if session.get("return_url"):
@@ -309,7 +314,7 @@ def create_app(settings: Settings, *, base_url: str | None = None) -> Starlette:
             return page("Not found", html.escape(str(exc)))
         return page(
             f"Invoice {inv['number']}",
-            f"<p>{inv['total'] / 100:.2f} {inv['currency'].upper()} — {inv['status']}</p>",
+            f"<p>{inv['total'] / 100:.2f} {_e(inv['currency'].upper())} — {_e(inv['status'])}</p>",
         )
 
     @contextlib.asynccontextmanager
