@@ -113,7 +113,12 @@ def create_app(
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         detail = {404: "no such resource", 405: "method not allowed on this resource"}
-        return problem(exc.status_code, detail.get(exc.status_code, str(exc.detail)))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only one route's
+            headers["Allow"] = ", ".join(_allowed_methods(request.app, request.url.path))
+        return problem(
+            exc.status_code, detail.get(exc.status_code, str(exc.detail)), headers=headers
+        )
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", path=request.url.path)
@@ -171,6 +176,14 @@ async def _housekeeping_forever(
         except Exception as exc:
             log.warning("housekeeping_skipped", error=type(exc).__name__)
         await asyncio.sleep(max(1, settings.trial_expiry_seconds))
+
+
+def _allowed_methods(app: Starlette, path: str) -> list[str]:
+    methods: set[str] = set()
+    for r in app.routes:
+        if isinstance(r, Route) and r.methods and r.path_regex.match(path):
+            methods |= r.methods
+    return sorted(methods)
 
 
 class CountRequests:

@@ -24,6 +24,15 @@ STATUS_FOR: dict[type[QuotaError], grpc.StatusCode] = {
 }
 
 
+MAX_DETAILS = 1000  # gRPC carries details in a header: a long one would end the stream
+
+
+def details_for(error: QuotaError) -> str:
+    """The error's sentence, cut short when an echoed input made it long."""
+    message = error.message
+    return message if len(message) <= MAX_DETAILS else message[: MAX_DETAILS - 1] + "…"
+
+
 def status_for(error: QuotaError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS_FOR:

@@ -16,7 +16,7 @@ from billing_core.errors import QuotaError
 from billing_core.quota.engine import QuotaEngine
 from quota_service import convert
 from quota_service.coalescer import Coalescer
-from quota_service.errors import status_for
+from quota_service.errors import details_for, status_for
 from quota_service.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -51,7 +51,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
             code = status.name
             if status is grpc.StatusCode.UNAVAILABLE:
                 log.warning("quota_call_unavailable", method=method, error=exc.message)
-            await context.abort(status, exc.message)
+            await context.abort(status, details_for(exc))
             raise  # pragma: no cover - abort raises
         finally:
             self._metrics.timed(method, code, time.perf_counter() - started)

@@ -107,6 +107,11 @@ async def revoke_api_key(uow: UnitOfWork, actor: str, api_key_id: str, now: date
         raise NotFound(f"unknown API key {api_key_id!r}")
     if current.revoked_at is not None:
         return current
+    if api_key_id == actor:
+        raise Conflict(
+            "a key cannot revoke itself: revoke it with another admin key or with "
+            "`python -m control_plane revoke-api-key`"
+        )
     revoked = await uow.api_keys.revoke(api_key_id, now)
     assert revoked is not None
     await audit.record(

@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from billing_core.errors import InvalidRequest
+from billing_core.errors import InvalidRequest, NotFound
 
 T = TypeVar("T")
 MAX_LIMIT = 500
+# a cursor addresses a page; one the API never returned addresses none (404)
+UNKNOWN_CURSOR = "no page at this cursor: it is not one this API returned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +36,9 @@ def decode_cursor(cursor: str | None, size: int) -> list[Any] | None:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         key = json.loads(raw)
     except (binascii.Error, ValueError):
-        raise InvalidRequest("cursor is not one this API returned") from None
+        raise NotFound(UNKNOWN_CURSOR) from None
     if not isinstance(key, list) or len(key) != size:
-        raise InvalidRequest("cursor is not one this API returned")
+        raise NotFound(UNKNOWN_CURSOR)
     return key
 
 

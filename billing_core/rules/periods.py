@@ -8,7 +8,8 @@ from __future__ import annotations
 import calendar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from functools import cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from billing_core.errors import InvalidRequest
 from billing_core.rules.resources import Period
@@ -22,6 +23,12 @@ class Window:
     period: Period
     start: datetime
     resets_at: datetime | None
+
+
+@cache
+def known_timezones() -> tuple[str, ...]:
+    """The IANA zone names a tenant may have (the machine's tz database)."""
+    return tuple(sorted(available_timezones()))
 
 
 def tenant_zone(name: str) -> ZoneInfo:

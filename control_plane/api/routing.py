@@ -222,6 +222,8 @@ def openapi_document(endpoints: list[Endpoint], title: str, version: str) -> dic
         if ep.csv:
             content["text/csv"] = {"schema": {"type": "string"}}
         codes = {401, 422, 429, 503, *ep.errors} | ({403} if ep.needs_admin else set())
+        if ep.query is not None and "cursor" in ep.query.model_fields:
+            codes.add(404)  # a cursor the API never returned addresses no page
         if ep.body:
             codes |= {400, 415}
         responses: dict[str, Any] = {str(ep.status): {"description": "OK", "content": content}}
@@ -248,6 +250,7 @@ def openapi_document(endpoints: list[Endpoint], title: str, version: str) -> dic
                 },
             }
         paths.setdefault(ep.path, {})[ep.method.lower()] = op
+    _link_created_resources(endpoints, paths)
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
@@ -257,6 +260,29 @@ def openapi_document(endpoints: list[Endpoint], title: str, version: str) -> dic
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _link_created_resources(endpoints: list[Endpoint], paths: dict[str, Any]) -> None:
+    """OpenAPI links from each operation that creates a resource (201) to every operation
+    whose path names the resource's id: a client (or a stateful test) goes from a created
+    plan or tenant to what can be done with it."""
+    for ep in endpoints:
+        if ep.status != 201:
+            continue
+        fields = set(ep.response.model_fields)
+        links = {
+            other.operation_id: {
+                "operationId": other.operation_id,
+                "parameters": {p: f"$response.body#/{p}" for p in other.path_params},
+            }
+            for other in endpoints
+            if other is not ep
+            and other.path_params
+            and set(other.path_params) <= fields
+            and not set(ep.path_params) & set(other.path_params)
+        }
+        if links:
+            paths[ep.path][ep.method.lower()]["responses"][str(ep.status)]["links"] = links
 
 
 def problem_title(code: int) -> str:

@@ -17,16 +17,49 @@ from pydantic import (
     field_validator,
 )
 
+from billing_core.rules.periods import known_timezones
+
 INT64_MAX = 2**63 - 1
+
+
+def _whole(value: Any) -> Any:
+    """JSON has one number type: 5.0 is the integer 5 (as JSON Schema has it); 5.5 stays
+    refused, and so does "5"."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+WHOLE = BeforeValidator(_whole)  # after Field(...): the constraints stay in the schema
+# ECMA-262's white space (what JSON Schema patterns mean by \s), spelled out: the
+# validator's own \s would also count U+0085, and the two would disagree
+SPACE = " \t\n\v\f\r\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+
+
+def _zone_names(schema: dict[str, Any]) -> None:
+    schema["enum"] = list(known_timezones())
+
+
+def _one_of_each_kind(schema: dict[str, Any]) -> None:
+    """At most one wallet grant per `on` (JSON Schema's maxContains)."""
+    schema["allOf"] = [
+        {"contains": {"properties": {"on": {"const": on}}}, "minContains": 0, "maxContains": 1}
+        for on in ("start", "renewal", "upgrade")
+    ]
+
+
 # PostgreSQL text cannot hold NUL; refusing it here keeps such input a 422, not a 500
 Text = Annotated[str, StringConstraints(max_length=2000, pattern=r"^[^\x00]*$")]
 Name = Annotated[
-    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00]*\S[^\x00]*$")
+    str,
+    StringConstraints(min_length=1, max_length=200, pattern=rf"^[^\x00]*[^{SPACE}\x00][^\x00]*$"),
 ]
 Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 TenantId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00/]+$")]
-Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
-Micros = Annotated[int, Field(ge=1, le=INT64_MAX, description="1 currency unit = 1,000,000 micros")]
+Count = Annotated[int, Field(ge=0, le=INT64_MAX), WHOLE]
+Micros = Annotated[
+    int, Field(ge=1, le=INT64_MAX, description="1 currency unit = 1,000,000 micros"), WHOLE
+]
 Resource = Annotated[
     str,
     StringConstraints(
@@ -65,7 +98,7 @@ class QuotaSpec(Body):
     resource: Resource
     period: PeriodName
     limit: Count
-    warn_at: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+    warn_at: list[Annotated[int, Field(ge=1, le=100), WHOLE]] = Field(
         default=[80, 95], max_length=10, description="soft-warning thresholds in percent"
     )
     overage: Literal["block", "wallet"] = Field(
@@ -76,7 +109,7 @@ class QuotaSpec(Body):
 class WalletGrantSpec(Body):
     on: Literal["start", "renewal", "upgrade"]
     amount_micros: Micros
-    expires_after_days: Annotated[int, Field(ge=1, le=36_500)] | None = None
+    expires_after_days: Annotated[int, Field(ge=1, le=36_500), WHOLE] | None = None
 
 
 class PlanFields(Body):
@@ -89,12 +122,14 @@ class PlanFields(Body):
     ) = None
     active: bool = True
     trial: bool = False
-    trial_days: Annotated[int, Field(ge=0, le=365)] = 0
-    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] = 0
+    trial_days: Annotated[int, Field(ge=0, le=365), WHOLE] = 0
+    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000), WHOLE] = 0
     enterprise: bool = False
     unlimited: bool = Field(default=False, description="no quotas at all (no-quota plan)")
     quotas: list[QuotaSpec] = Field(default=[], max_length=200)
-    wallet_grants: list[WalletGrantSpec] = Field(default=[], max_length=3)
+    wallet_grants: list[WalletGrantSpec] = Field(
+        default=[], max_length=3, json_schema_extra=_one_of_each_kind
+    )
 
 
 class PlanCreate(PlanFields):
@@ -113,12 +148,14 @@ class PlanPatch(Body):
     ) = None
     active: bool | None = None
     trial: bool | None = None
-    trial_days: Annotated[int, Field(ge=0, le=365)] | None = None
-    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] | None = None
+    trial_days: Annotated[int, Field(ge=0, le=365), WHOLE] | None = None
+    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000), WHOLE] | None = None
     enterprise: bool | None = None
     unlimited: bool | None = None
     quotas: list[QuotaSpec] | None = Field(default=None, max_length=200)
-    wallet_grants: list[WalletGrantSpec] | None = Field(default=None, max_length=3)
+    wallet_grants: list[WalletGrantSpec] | None = Field(
+        default=None, max_length=3, json_schema_extra=_one_of_each_kind
+    )
 
 
 class Plan(Out):
@@ -155,10 +192,12 @@ class TenantCreate(Body):
     tenant_id: TenantId
     name: Name
     email: Annotated[
-        str, StringConstraints(max_length=320, pattern=r"^$|^[^@\s\x00]+@[^@\s\x00]+$")
+        str, StringConstraints(max_length=320, pattern=rf"^$|^[^@{SPACE}\x00]+@[^@{SPACE}\x00]+$")
     ] = ""
     timezone: Annotated[
-        str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+/-]+$")
+        str,
+        StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+/-]+$"),
+        Field(json_schema_extra=_zone_names, description="an IANA zone name"),
     ] = "UTC"
 
 
@@ -298,7 +337,10 @@ class Wallet(Out):
 class WalletGrantCreate(Body):
     amount_micros: Micros
     reason: Annotated[
-        str, StringConstraints(min_length=1, max_length=500, pattern=r"^[^\x00]*\S[^\x00]*$")
+        str,
+        StringConstraints(
+            min_length=1, max_length=500, pattern=rf"^[^\x00]*[^{SPACE}\x00][^\x00]*$"
+        ),
     ]
     expires_at: AwareDatetime | None = None
 
@@ -360,9 +402,10 @@ class BillingLinkCreate(Body):
     return_url: str | None = Field(
         default=None,
         max_length=2000,
+        pattern=rf"^[hH][tT][tT][pP][sS]?://[^/?#{SPACE}\x00]+([/?#][^{SPACE}\x00]*)?$",
         description="where the billing pages' 'Back to the app' link leads (http or https)",
     )
-    expires_in_seconds: int = Field(
+    expires_in_seconds: Annotated[int, WHOLE] = Field(
         default=900, ge=60, le=86_400, description="how long the link may be opened"
     )
 
@@ -420,7 +463,12 @@ class ApiKeyPage(Out):
 
 
 class ApiKeyCreate(Body):
-    name: Name
+    name: Annotated[
+        str,
+        StringConstraints(
+            min_length=1, max_length=128, pattern=rf"^[^\x00]*[^{SPACE}\x00][^\x00]*$"
+        ),
+    ]
     scope: Literal["admin", "read"] = "admin"
 
 
@@ -444,7 +492,7 @@ class AuditEntryPage(Out):
 
 
 class PageQuery(BaseModel):
-    limit: Annotated[int, Field(ge=1, le=500)] = 50
+    limit: Annotated[int, Field(ge=1, le=500), WHOLE] = 50
     cursor: Annotated[str, StringConstraints(max_length=500)] | None = None
 
 

@@ -448,5 +448,7 @@ ENDPOINTS: list[Endpoint] = [
              create_key, s.ApiKeyIssued, body=s.ApiKeyCreate, status=201),
     Endpoint("POST", "/v1/api-keys/{api_key_id}/revoke", "revoke_api_key",
              "Revoke a key at once (its admin sessions end too)", "api-keys", revoke_key,
-             s.ApiKey, errors=(404,)),
+             s.ApiKey, errors=(404, 409),
+             description="A key cannot revoke itself (409): revoke it with another admin key "
+             "or the CLI, so that nobody locks themselves out by mistake."),
 ]  # fmt: skip

@@ -23,6 +23,7 @@ from tests.conftest import fresh_database
 from tests.reliability.harness import books, free_port, pool_of, report, scale, sidecar
 
 IN_FLIGHT = 64
+CUT = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
 def _gauges(text: str, name: str) -> dict[str, float]:
@@ -73,6 +74,9 @@ async def test_cancelled_and_cut_calls_leave_nothing_behind(
                                     kind = "answered"
                                 except asyncio.CancelledError:
                                     kind = "cancelled"
+                                except grpc.aio.AioRpcError as exc:
+                                    assert exc.code() == grpc.StatusCode.CANCELLED, exc
+                                    kind = "cancelled"
                             else:  # a deadline of a few milliseconds
                                 deadline = 0.001 + rng.random() * 0.04
                                 started = time.monotonic()
@@ -80,7 +84,9 @@ async def test_cancelled_and_cut_calls_leave_nothing_behind(
                                     await stub.CheckAndConsume(req, timeout=deadline)
                                     kind = "answered"
                                 except grpc.aio.AioRpcError as exc:
-                                    assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                                    # past its deadline, the call ends as the client's
+                                    # own cancellation when that came first
+                                    assert exc.code() in CUT, exc
                                     kind = "deadline"
                                 overshoot = max(overshoot, time.monotonic() - started - deadline)
                         outcomes[kind] = outcomes.get(kind, 0) + 1

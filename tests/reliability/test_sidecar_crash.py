@@ -26,6 +26,37 @@ IN_FLIGHT = 32
 LIMIT = 400
 
 
+async def retried_calls(
+    stub: Any, calls: list[tuple[str, str]], in_flight: int = 64
+) -> list[pb.CheckAndConsumeResponse]:
+    """What a fleet of clients does after an outage: each sends its request again, with
+    the same id, until it hears an answer (a few attempts, a few in flight at a time)."""
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(tenant: str, rid: str) -> pb.CheckAndConsumeResponse:
+        async with gate:
+            for attempt in range(10):
+                try:
+                    answer: pb.CheckAndConsumeResponse = await stub.CheckAndConsume(
+                        request(tenant, rid), timeout=10
+                    )
+                    return answer
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in RETRYABLE or attempt == 9:
+                        raise
+                    await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    return await asyncio.gather(*(one(t, rid) for t, rid in calls))
+
+
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
 def request(tenant: str, request_id: str) -> pb.CheckAndConsumeRequest:
     return pb.CheckAndConsumeRequest(
         tenant_id=tenant, resource="messages", amount=1, request_id=request_id
@@ -85,18 +116,12 @@ async def test_killed_with_calls_in_flight_then_restarted(server_url: str, tmp_p
                 async with grpc.aio.insecure_channel(side.target) as channel:
                     stub = pb_grpc.QuotaServiceStub(channel)
                     # the clients retry what they never heard back about, with the same ids
-                    retried = await asyncio.gather(
-                        *(stub.CheckAndConsume(request(t, rid), timeout=10)
-                          for rid, t in unanswered.items())
-                    )  # fmt: skip
+                    retried = await retried_calls(stub, [(t, rid) for rid, t in unanswered.items()])
                     # and some of what they did hear allowed: the original decision again (a
                     # denial is not kept: its retry is decided afresh)
                     admitted = sorted(rid for rid, (_, ok, _) in answered.items() if ok)
                     sample = random.Random(1).sample(admitted, min(200, len(admitted)))
-                    again = await asyncio.gather(
-                        *(stub.CheckAndConsume(request(answered[rid][0], rid), timeout=10)
-                          for rid in sample)
-                    )  # fmt: skip
+                    again = await retried_calls(stub, [(answered[rid][0], rid) for rid in sample])
             finally:
                 side.kill()
             for rid, answer in zip(sample, again, strict=True):

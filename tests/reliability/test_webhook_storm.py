@@ -198,6 +198,8 @@ async def _storm(stack: Stack, server_url: str, uid: str, tmp_path: Path, n: int
                 refused: list[int] = []
                 halfway = asyncio.Event()
 
+                give_up_at = time.monotonic() + 120 + len(deliveries) / 5
+
                 async def sender() -> None:
                     nonlocal attempts
                     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
@@ -206,6 +208,7 @@ async def _storm(stack: Stack, server_url: str, uid: str, tmp_path: Path, n: int
                             if queue.qsize() <= len(deliveries) // 2:
                                 halfway.set()
                             while True:  # like Stripe: again until acknowledged
+                                assert time.monotonic() < give_up_at, "deliveries never ended"
                                 attempts += 1
                                 try:
                                     r = await http.post(

@@ -27,3 +27,14 @@ def test_every_domain_error_has_one_http_problem() -> None:
     for cls in ALL_ERRORS:
         status, slug, title = HTTP_FOR[cls]
         assert 400 <= status < 600 and slug and title
+
+
+def test_grpc_details_stay_short_enough_for_a_header() -> None:
+    from billing_core.errors import InvalidRequest
+    from quota_service.errors import MAX_DETAILS, details_for
+
+    short = InvalidRequest("resource 'x' is unknown")
+    assert details_for(short) == short.message
+    long = InvalidRequest("resource " + repr("y" * 20_000) + " is unknown")
+    cut = details_for(long)
+    assert len(cut) == MAX_DETAILS and cut.endswith("…") and cut.startswith("resource 'yyy")
