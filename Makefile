@@ -56,7 +56,8 @@ bench: $(STAMP) ## benchmarks side by side with an echo server and the textbook 
 	$(PY) -m bench
 
 RELIABILITY_SCALE ?= 20
-RELIABILITY_SUITES := tests/reliability tests/e2e/test_grpc_fuzz.py tests/e2e/test_fail_open_spool.py tests/billing/test_webhooks.py
+RELIABILITY_SUITES := tests/reliability tests/e2e/test_grpc_fuzz.py tests/e2e/test_fail_open_spool.py \
+	tests/billing/test_webhooks.py tests/api/test_openapi_conformance.py
 reliability: $(STAMP) ## fault, storm and fuzz suites with larger counts (minutes); writes docs/reliability.md
 	@mkdir -p .artifacts && rm -f .artifacts/reliability.jsonl
 	@start=$$(date +%s); \

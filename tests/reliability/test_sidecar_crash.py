@@ -270,6 +270,11 @@ async def test_killed_between_a_batchs_writes_and_its_commit(
                 lost=0,
                 counted_twice=result["requests_counted_twice"],
                 applied_twice=result["claimed_but_uncounted"],
-                notes=f"{len(ids) - len(counted)} rolled back, {len(counted)} committed whole;"
-                " all counted once on retry",
+                notes=(
+                    "the paused batch rolled back whole"
+                    if connection_cut
+                    else f"the paused batch committed whole ({len(counted)} requests)"
+                )
+                + f"; none of the {len(ids)} claimed without its record; each counted once"
+                " after the retries",
             )
