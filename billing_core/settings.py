@@ -38,6 +38,9 @@ class Settings:
     grpc_tls_key_file: str = ""
     db_pool_size: int = 8
     db_acquire_timeout_ms: int = 2000
+    # off behind a pooler in transaction mode (PgBouncer): no prepared statements, no
+    # session settings (both processes)
+    db_prepared_statements: bool = True
     drain_seconds: int = 10
     coalesce_requests: bool = True
     # batches decided at once; a tenant always goes to the same lane
@@ -97,6 +100,8 @@ class Settings:
             grpc_tls_key_file=_str(env, "QUOTA_TLS_KEY_FILE"),
             db_pool_size=_int(env, "QUOTA_DB_POOL_SIZE", 8),
             db_acquire_timeout_ms=_int(env, "QUOTA_DB_ACQUIRE_TIMEOUT_MS", 2000),
+            db_prepared_statements=_str(env, "DB_PREPARED_STATEMENTS", "on").lower()
+            not in ("0", "off", "false"),
             drain_seconds=_int(env, "QUOTA_DRAIN_SECONDS", 10),
             coalesce_requests=_str(env, "QUOTA_COALESCE", "on").lower()
             not in ("0", "off", "false"),

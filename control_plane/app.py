@@ -70,7 +70,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        db = await Database.open(settings.require_database(), 8)
+        db = await Database.open(
+            settings.require_database(), 8, prepared=settings.db_prepared_statements
+        )
         app.state.db = db
         grace = timedelta(days=settings.past_due_grace_days)
         app.state.engine = QuotaEngine(db.quota_store, clock, QuotaRules(past_due_grace=grace))

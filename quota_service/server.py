@@ -168,6 +168,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
         acquire_timeout_s=settings.db_acquire_timeout_ms / 1000,
         quota_only=True,
         batch_lock_timeout_ms=settings.batch_lock_timeout_ms,
+        prepared=settings.db_prepared_statements,
     )
     engine = QuotaEngine(
         database.quota_store,

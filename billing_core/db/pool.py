@@ -17,8 +17,10 @@ async def open_pool(
     *,
     timeout_s: float = 10.0,
     session: Mapping[str, str] | None = None,
+    prepared: bool = True,
 ) -> AsyncConnectionPool[Any]:
-    """`session`: settings every connection of the pool makes once, for its whole life."""
+    """`session`: settings every connection of the pool makes once, for its whole life.
+    `prepared=False`: psycopg never prepares a statement (a pooler in transaction mode)."""
 
     async def configure(conn: AsyncConnection[Any]) -> None:
         # explicit transactions everywhere; nothing runs in an implicit one
@@ -34,7 +36,10 @@ async def open_pool(
         configure=configure,
         timeout=timeout_s,
         reconnect_timeout=3600.0,
-        kwargs={"application_name": "billing-platform"},
+        kwargs={
+            "application_name": "billing-platform",
+            **({} if prepared else {"prepare_threshold": None}),
+        },
     )
     await pool.open(wait=True, timeout=timeout_s)
     return pool

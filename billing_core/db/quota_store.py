@@ -251,8 +251,10 @@ class PgQuotaStore:
         batch_pool: AsyncConnectionPool[Any] | None = None,
         acquire_timeout_s: float = 2.0,
         session_lock_timeouts: tuple[int, int] | None = None,
+        prepared: bool = True,
     ) -> None:
         self._pool = pool
+        self._prepared = prepared
         self._batch_pool = batch_pool or pool
         self._acquire_timeout_s = acquire_timeout_s
         self._session_lock_timeouts = session_lock_timeouts
@@ -278,7 +280,7 @@ class PgQuotaStore:
         async def attempt() -> T:
             async with (
                 pool.connection(timeout=self._acquire_s()) as conn,
-                Wire.open(conn) as wire,
+                Wire.open(conn, prepared=self._prepared) as wire,
             ):
                 wire.send(BEGIN)
                 if settings is not None:

@@ -57,6 +57,7 @@ class Database:
         batch_pool: AsyncConnectionPool[Any] | None = None,
         acquire_timeout_s: float = 2.0,
         session_lock_timeouts: tuple[int, int] | None = None,
+        prepared: bool = True,
     ) -> None:
         self.pool = pool
         self.batch_pool = batch_pool
@@ -66,6 +67,7 @@ class Database:
             batch_pool=batch_pool,
             acquire_timeout_s=acquire_timeout_s,
             session_lock_timeouts=session_lock_timeouts,
+            prepared=prepared,
         )
 
     @classmethod
@@ -78,14 +80,23 @@ class Database:
         acquire_timeout_s: float = 2.0,
         quota_only: bool = False,
         batch_lock_timeout_ms: int = 0,
+        prepared: bool = True,
     ) -> Database:
         """Open the pools (`batch_size` connections kept for batches, when > 0).
         `quota_only`: the connections serve the quota engine alone (the sidecar), so its
-        plan settings, and the batches' lock timeout, are made once per connection."""
-        if not quota_only:
-            pool = await open_pool(url, size)
-            batch_pool = await open_pool(url, batch_size) if batch_size > 0 else None
-            return cls(pool, batch_pool=batch_pool, acquire_timeout_s=acquire_timeout_s)
+        plan settings, and the batches' lock timeout, are made once per connection.
+        `prepared=False` (behind a pooler in transaction mode, where a connection is not a
+        session): no prepared statements and no session settings — each transaction sends
+        its own."""
+        if not quota_only or not prepared:
+            pool = await open_pool(url, size, prepared=prepared)
+            batch_pool = (
+                await open_pool(url, batch_size, prepared=prepared) if batch_size > 0 else None
+            )
+            return cls(
+                pool, batch_pool=batch_pool, acquire_timeout_s=acquire_timeout_s,
+                prepared=prepared,
+            )  # fmt: skip
         batch_session = {**PLAN_SETTINGS, "lock_timeout": str(batch_lock_timeout_ms)}
         pool = await open_pool(url, size, session={**PLAN_SETTINGS, "lock_timeout": "0"})
         batch_pool = (

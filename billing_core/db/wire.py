@@ -81,8 +81,11 @@ class Wire:
     RaiseException with its SQLSTATE …); the statements queued behind it were skipped by
     the server and raise the same error."""
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, *, prepared: bool = True) -> None:
         self._pg = conn.pgconn
+        # False: every statement goes as an unnamed one (parse, bind, execute each time), as
+        # a pooler in transaction mode needs (PgBouncer 1.18 cannot carry named ones)
+        self._named = prepared
         self._encoding = conn.info.encoding
         self._prepared = _PREPARED.setdefault(self._pg, set())
         self._awaited: deque[tuple[int, bytes | None]] = deque()  # slot, statement prepared
@@ -95,8 +98,8 @@ class Wire:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, conn: Conn) -> AsyncIterator[Wire]:
-        wire = cls(conn)
+    async def open(cls, conn: Conn, *, prepared: bool = True) -> AsyncIterator[Wire]:
+        wire = cls(conn, prepared=prepared)
         wire._pg.enter_pipeline_mode()
         wire._open = True
         try:
@@ -120,6 +123,8 @@ class Wire:
         pg = self._pg
         if isinstance(statement, bytes):
             pg.send_query_params(statement, None)
+        elif not self._named:
+            pg.send_query_params(statement.text, statement.encode(values or {}))
         else:
             if statement.name not in self._prepared:
                 pg.send_prepare(statement.name, statement.text)
