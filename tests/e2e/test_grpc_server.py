@@ -400,7 +400,8 @@ async def test_the_running_sidecar_counts_stalled_batches_and_lost_connections(
                 assert beside.allowed and not waiting.done()
                 await holder.commit()
             assert (await asyncio.wait_for(waiting, 5)).windows[0].used == 2
-            assert server.registry.get_sample_value(stalled) == 1
+            # the held lock stalled a batch (another may have run long on a busy machine)
+            assert (server.registry.get_sample_value(stalled) or 0) >= 1
             assert server.registry.get_sample_value(*locked) == 1
             # every backend of the sidecar's database dies (a restart, an idle timeout)
             async with await psycopg.AsyncConnection.connect(

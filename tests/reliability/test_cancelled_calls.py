@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +22,7 @@ from quota.v1 import quota_service_pb2_grpc as pb_grpc
 from billing_core.billing.model import quota
 from tests import factories as f
 from tests.conftest import fresh_database
-from tests.reliability.harness import books, free_port, pool_of, report, scale, sidecar
+from tests.reliability.harness import ROOT, books, free_port, pool_of, report, scale, sidecar
 
 IN_FLIGHT = 64
 CUT = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -151,20 +153,6 @@ async def test_a_reservation_whose_holder_died_comes_back_after_its_ttl(
                 await side.serving()
                 async with grpc.aio.insecure_channel(side.target) as channel:
                     stub: Any = pb_grpc.QuotaServiceStub(channel)
-                    held = await stub.Reserve(
-                        pb.ReserveRequest(
-                            tenant_id=tenant, resource="messages", amount=10,
-                            request_id="holder", ttl_seconds=1,
-                        ),
-                        timeout=5,
-                    )  # fmt: skip
-                    assert held.allowed
-                # the holder is gone (it never commits nor releases); its quota is held ...
-                side.kill()
-                side.start()
-                await side.serving()
-                async with grpc.aio.insecure_channel(side.target) as channel:
-                    stub = pb_grpc.QuotaServiceStub(channel)
 
                     async def consume(rid: str) -> Any:
                         return await stub.CheckAndConsume(
@@ -174,9 +162,16 @@ async def test_a_reservation_whose_holder_died_comes_back_after_its_ttl(
                             timeout=5,
                         )
 
+                    # the holder reserves everything and dies: no commit, no release
+                    await _reserve_and_die(side.target, tenant)
                     assert not (await consume("while-held")).allowed
-                    await asyncio.sleep(1.2)  # ... until its TTL has passed
-                    assert (await consume("after-ttl")).allowed
+                    [(expires_at,)] = await f.fetch(
+                        pool, "SELECT expires_at FROM reservations WHERE tenant_id = %s", tenant
+                    )
+                    await asyncio.sleep(
+                        max(0.0, (expires_at - datetime.now(UTC)).total_seconds()) + 0.2
+                    )
+                    assert (await consume("after-ttl")).allowed  # its quota came back
             finally:
                 side.kill()
             [(status,)] = await f.fetch(
@@ -184,3 +179,22 @@ async def test_a_reservation_whose_holder_died_comes_back_after_its_ttl(
             )
             assert status == "expired"
             assert (await books(pool, [tenant]))["windows_off_records"] == 0
+
+
+async def _reserve_and_die(target: str, tenant: str) -> None:
+    """A client process that reserves (TTL 2 s) and is SIGKILLed before it can settle."""
+    script = (
+        "import os, signal, grpc\n"
+        "from quota.v1 import quota_service_pb2 as pb, quota_service_pb2_grpc as g\n"
+        f"stub = g.QuotaServiceStub(grpc.insecure_channel({target!r}))\n"
+        f"held = stub.Reserve(pb.ReserveRequest(tenant_id={tenant!r}, resource='messages',"
+        " amount=10, request_id='holder', ttl_seconds=2), timeout=10)\n"
+        "assert held.allowed\n"
+        "print('held', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == -signal.SIGKILL and out.strip() == b"held", out
