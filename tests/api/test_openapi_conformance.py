@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ControlPlane, running_control_plane
+from tests.billing.conftest import billing_stack
 from tests.reliability import harness
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
@@ -25,22 +25,23 @@ HERE = Path(__file__).resolve().parent
 async def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
     scratch_database: str, tmp_path: Path
 ) -> None:
-    # its own database: the random plans it creates must not meet other tests
-    async with running_control_plane(scratch_database) as control_plane:
-        await _run_schemathesis(control_plane, tmp_path)
+    # its own database (the random plans it creates must not meet other tests) and its own
+    # local Stripe: the stateful runs reach checkout, the portal and plan changes
+    async with billing_stack(scratch_database, auth_failures_per_minute=0) as stack:
+        await _run_schemathesis(stack.url, stack.key, tmp_path)
 
 
-async def _run_schemathesis(control_plane: ControlPlane, tmp_path: Path) -> None:
+async def _run_schemathesis(url: str, key: str, tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         str(SCHEMATHESIS),
         "--config-file",
         str(HERE / "schemathesis.toml"),
         "run",
-        f"{control_plane.url}/openapi.json",
+        f"{url}/openapi.json",
         "--checks",
         "all",
         "-H",
-        f"Authorization: Bearer {control_plane.key}",
+        f"Authorization: Bearer {key}",
         "--max-examples",
         str(25 * min(harness.scale(), 4)),
         "--seed",

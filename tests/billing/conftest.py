@@ -99,6 +99,7 @@ async def billing_stack(
     emulator: Starlette | None = None,
     emulator_url: str = "",
     clock: Clock | None = None,
+    **changes: Any,
 ) -> AsyncIterator[Stack]:
     """A control plane on `database_url` (on `clock`, the system's unless given); a new
     emulator unless one is given (two control planes can share one emulator, as two
@@ -111,7 +112,7 @@ async def billing_stack(
         stripe_emulator_key=EMULATOR_KEY,
         stripe_webhook_url=f"http://127.0.0.1:{cp_port}/webhooks/stripe",
         billing_link_secret=LINK_SECRET,
-    )
+    ).with_changes(**changes)
     async with contextlib.AsyncExitStack() as stack:
         if emulator is None:
             em_sock, em_port = _socket()
