@@ -52,6 +52,8 @@ class Settings:
     # how long a batch waits for a row lock held elsewhere before its requests are decided
     # one by one, each tenant on its own (0: as long as it takes)
     batch_lock_timeout_ms: int = 1000
+    # the domain of Envoy's rate-limit requests the sidecar counts (others: OK, counted nowhere)
+    rls_domain: str = "quota"
     # quota rules
     idempotency_ttl_hours: int = 24
     past_due_grace_days: int = 3
@@ -109,6 +111,7 @@ class Settings:
             coalesce_gather_us=_int(env, "QUOTA_COALESCE_GATHER_US", 2000),
             coalesce_stall_ms=_int(env, "QUOTA_COALESCE_STALL_MS", 100),
             batch_lock_timeout_ms=_int(env, "QUOTA_BATCH_LOCK_TIMEOUT_MS", 1000),
+            rls_domain=_str(env, "QUOTA_RLS_DOMAIN", "quota"),
             idempotency_ttl_hours=_int(env, "IDEMPOTENCY_TTL_HOURS", 24),
             past_due_grace_days=_int(env, "PAST_DUE_GRACE_DAYS", 3),
             reservation_sweep_seconds=_int(env, "RESERVATION_SWEEP_SECONDS", 30),

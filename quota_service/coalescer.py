@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from billing_core.errors import QuotaError
-from billing_core.quota.answers import CommitResult, Decision, FreeResult, Result
+from billing_core.quota.answers import CommitResult, Decision, FreeResult, GroupDecision, Result
 from billing_core.quota.engine import QuotaEngine
 from billing_core.quota.requests import (
+    AdmitAllRequest,
     CommitRequest,
     ConsumeRequest,
     FreeRequest,
@@ -87,6 +88,12 @@ class Coalescer:
         """Decide a CheckAndConsume, or a Reserve (a ReserveRequest), with its lane's batch."""
         result = await self._decide(req)
         assert isinstance(result, Decision)
+        return result
+
+    async def admit_all(self, req: AdmitAllRequest) -> GroupDecision:
+        """Decide several CheckAndConsumes of one tenant all-or-nothing, with the batch."""
+        result = await self._decide(req)
+        assert isinstance(result, GroupDecision)
         return result
 
     async def commit(self, req: CommitRequest) -> CommitResult:

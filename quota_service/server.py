@@ -1,4 +1,5 @@
-"""Build and run the sidecar: gRPC (quota, health, reflection), metrics, background sweeps."""
+"""Build and run the sidecar: gRPC (quota, Envoy's rate-limit service, health, reflection),
+metrics, background sweeps."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from billing_core.db.unit_of_work import Database
 from billing_core.quota.engine import QuotaEngine, QuotaRules
 from billing_core.quota.sweeps import Sweeper
 from billing_core.settings import Settings
+from quota_service import ratelimit
 from quota_service.coalescer import Coalescer
 from quota_service.metrics import EngineCollector, Metrics, PoolCollector
 from quota_service.servicer import QuotaServicer, add_to_server
@@ -202,11 +204,16 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
     registry.register(PoolCollector(database))
     servicer = QuotaServicer(engine, metrics, coalescer)
     add_to_server(servicer, server)
+    admit_all = coalescer.admit_all if coalescer is not None else engine.admit_all
+    ratelimit.add_to_server(
+        ratelimit.RateLimitServicer(admit_all, settings.rls_domain, metrics, clock), server
+    )
     health = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            ratelimit.SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

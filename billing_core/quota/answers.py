@@ -201,5 +201,17 @@ class Tidied:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class GroupDecision:
+    """The answer to an AdmitAllRequest: allowed when every member was, and then each
+    counted; otherwise none counted, and each member's decision says whether it alone
+    would have been allowed (its windows as they are) or why it was denied."""
+
+    allowed: bool
+    members: tuple[Decision, ...]
+
+
 # the answer to each Request of a batch, or the error that request alone met
-Result = Decision | CommitResult | bool | FreeResult | ReportResult | Tidied | QuotaError
+Result = (
+    Decision | GroupDecision | CommitResult | bool | FreeResult | ReportResult | Tidied | QuotaError
+)

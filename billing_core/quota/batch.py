@@ -15,6 +15,7 @@ from billing_core.quota.model import SETTLED, Changes, PlanOffer, Reservation, T
 from billing_core.quota.model import TenantKey as Key
 from billing_core.quota.ports import Pending, QuotaSession
 from billing_core.quota.requests import (
+    AdmitAllRequest,
     CommitRequest,
     ConsumeRequest,
     FreeRequest,
@@ -83,30 +84,31 @@ async def decide_batch(
     first time, a changed plan): the rest of the rows — a stale prediction costs a round
     trip, never correctness; (4) the writes and the upgrade offers, with the store's
     COMMIT. Tenants the transaction writes for are tidied first (core.tidy)."""
-    admissions = [r for r in reqs if isinstance(r, ConsumeRequest)]
+    flat = _members(reqs)  # what the rows to read and lock are found from
+    admissions = [r for r in flat if isinstance(r, ConsumeRequest)]
     asked = sorted(
-        {r.resource for r in reqs if isinstance(r, ConsumeRequest | FreeRequest | ReportRequest)}
+        {r.resource for r in flat if isinstance(r, ConsumeRequest | FreeRequest | ReportRequest)}
     )
     settling = sorted(
         {
             (r.tenant_id, r.reservation_id)
-            for r in reqs
+            for r in flat
             if isinstance(r, CommitRequest | ReleaseRequest)
         }
     )
     # a Commit's resource is its reservation's, read in the same round trip: all quotas then
-    resources = None if any(isinstance(r, CommitRequest) for r in reqs) else asked
+    resources = None if any(isinstance(r, CommitRequest) for r in flat) else asked
     models = sorted(
         {
             (r.tokens.provider, r.tokens.model)
-            for r in reqs
+            for r in flat
             if isinstance(r, ConsumeRequest | CommitRequest | ReportRequest)
             and r.tokens is not None
         }
     )
     keys = sorted(
         {(r.tenant_id, r.request_id) for r in admissions if not r.dry_run}
-        | {(r.tenant_id, r.request_id) for r in reqs if isinstance(r, FreeRequest | ReportRequest)}
+        | {(r.tenant_id, r.request_id) for r in flat if isinstance(r, FreeRequest | ReportRequest)}
     )
     shared: SharedWindows = {}
 
@@ -114,7 +116,7 @@ async def decide_batch(
     reservations_p = session.lock_reservations(settling) if settling else None
     predicted_held: Held = {}
     predicted: dict[str, TenantState] = {}
-    for req in reqs:
+    for req in flat:
         if isinstance(req, ConsumeRequest | FreeRequest | ReportRequest):
             resource = req.resource
         elif isinstance(req, CommitRequest | ReleaseRequest):
@@ -128,7 +130,7 @@ async def decide_batch(
         if req.tenant_id not in predicted and (seen := memo.context(req.tenant_id, resource)):
             predicted[req.tenant_id] = TenantState(seen)
     predicted_keys, predicted_wallets = _rows_to_lock(
-        reqs, predicted, predicted_held, now, shared, tidying=()
+        flat, predicted, predicted_held, now, shared, tidying=()
     )
     reads_p = session.read(
         sorted({r.tenant_id for r in reqs}), resources, models, keys, now,
@@ -168,7 +170,7 @@ async def decide_batch(
 
     # round trip 3, only when the prediction missed
     lock_keys, wallet_tenants = _rows_to_lock(
-        [reqs[i] for i in decided], tenants, held, now, shared, tidying=writing
+        _members([reqs[i] for i in decided]), tenants, held, now, shared, tidying=writing
     )
     missed_keys = [k for k in lock_keys if k not in locked.counters]
     missed_wallets = [t for t in wallet_tenants if t not in predicted_wallets]
@@ -214,6 +216,8 @@ async def decide_batch(
                 result = core.report(state, req, now, reads.prices, rules, changes)
             elif isinstance(req, TidyRequest):
                 result = tidied.pop(req.tenant_id, Tidied())
+            elif isinstance(req, AdmitAllRequest):
+                result = core.admit_all(state, req, now, reads.prices, rules, changes, shared)
             else:
                 result = core.admit(state, req, now, reads.prices, rules, changes, shared)
                 if result.reservation_id and not result.replayed:
@@ -262,6 +266,11 @@ async def decide_batch(
     return answers
 
 
+def _members(reqs: Iterable[Request]) -> list[Request]:
+    """The requests, with each AdmitAllRequest's members in its place."""
+    return [m for r in reqs for m in (r.members if isinstance(r, AdmitAllRequest) else (r,))]
+
+
 def _rows_to_lock(
     reqs: Iterable[Request],
     tenants: dict[str, TenantState],
@@ -306,6 +315,7 @@ def _rows_to_lock(
             keys.update((tenant_id, req.resource, w.period, w.start) for w in at)
             continue
         else:
+            assert isinstance(req, ConsumeRequest)  # groups come as their members
             resource, pays = req.resource, not req.dry_run and req.tokens is not None
         touched[(tenant_id, resource)] = touched.get((tenant_id, resource), False) or pays
     for (tenant_id, resource), pays in touched.items():

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from billing_core.errors import InvalidRequest, NotFound
+from billing_core.errors import InvalidRequest, NotFound, QuotaError
 from billing_core.ids import new_id
 from billing_core.quota import outcomes
 from billing_core.quota.answers import (
     CommitResult,
     Decision,
     FreeResult,
+    GroupDecision,
     ReportResult,
     Tidied,
     WindowView,
@@ -29,6 +30,7 @@ from billing_core.quota.model import (
 )
 from billing_core.quota.outcomes import add_delta
 from billing_core.quota.requests import (
+    AdmitAllRequest,
     CommitRequest,
     ConsumeRequest,
     FreeRequest,
@@ -97,6 +99,19 @@ class TenantState:
         quotas = self.ctx.quotas.get(resource, ())
         zone = tenant_zone(self.ctx.timezone)
         return quotas, tuple(window_for(q.period, at, zone, self.ctx.anchor) for q in quotas)
+
+    def snapshot(self) -> TenantState:
+        """A copy to go back to (restore) when decisions made since must not count."""
+        return TenantState(
+            self.ctx, dict(self.counts), self.spent, self.wallet, list(self.grants),
+            dict(self.taken), list(self.lapsed), self.windows,
+        )  # fmt: skip
+
+    def restore(self, saved: TenantState) -> None:
+        self.ctx, self.counts, self.spent, self.wallet = (
+            saved.ctx, saved.counts, saved.spent, saved.wallet
+        )  # fmt: skip
+        self.grants, self.taken, self.lapsed = saved.grants, saved.taken, saved.lapsed
 
     def live_micros(self) -> int:
         """The live wallet as the transaction has left it so far."""
@@ -256,6 +271,44 @@ def admit(
         )
     _count(state, req, quotas, windows, price, charge, decision, fingerprint, now, changes)
     return decision
+
+
+def admit_all(
+    state: TenantState,
+    req: AdmitAllRequest,
+    now: datetime,
+    prices: Prices,
+    rules: Rules,
+    changes: Changes,
+    shared: SharedWindows,
+) -> GroupDecision:
+    """Several CheckAndConsumes all-or-nothing: each admitted in turn against the state
+    the ones before it left; when one is denied (or fails) the state and the queued changes
+    go back to where they were, so none counts, and the others are answered as dry runs
+    (whether each alone would have been allowed). A retried group replays: every member's
+    request_id was claimed together."""
+    saved = state.snapshot()
+    mark = changes.mark()
+    decisions: list[Decision] = []
+    try:
+        for member in req.members:
+            decisions.append(admit(state, member, now, prices, rules, changes, shared))
+    except QuotaError:
+        state.restore(saved)
+        changes.rewind(mark)
+        raise
+    if all(d.allowed for d in decisions):
+        return GroupDecision(True, tuple(decisions))
+    state.restore(saved)
+    changes.rewind(mark)
+    answers = []
+    for member, decision in zip(req.members, decisions, strict=True):
+        if decision.allowed and not decision.replayed:
+            decision = admit(
+                state, replace(member, dry_run=True), now, prices, rules, changes, shared
+            )
+        answers.append(replace(decision, upgrade_plan_id=""))
+    return GroupDecision(False, tuple(answers))
 
 
 def _count(

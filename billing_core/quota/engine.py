@@ -1,6 +1,7 @@
-"""QuotaEngine: the quota use cases — CheckAndConsume, Reserve, Commit, Release, Free,
-GetUsage — each answered by one transaction through the decision core, alone or with the
-other requests of a coalesced batch (run_batch)."""
+"""QuotaEngine: the quota use cases — CheckAndConsume, several of them all-or-nothing,
+Reserve, Commit, Release, Free, ReportUsage, GetUsage — each answered by one transaction
+through the decision core, alone or with the other requests of a coalesced batch
+(run_batch)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from billing_core.quota.answers import (
     CommitResult,
     Decision,
     FreeResult,
+    GroupDecision,
     ReportResult,
     Result,
     UsageReport,
@@ -27,6 +29,7 @@ from billing_core.quota.core import Rules
 from billing_core.quota.ports import BatchAborted, Pending, QuotaSession, QuotaStore
 from billing_core.quota.reports import report_usage
 from billing_core.quota.requests import (
+    AdmitAllRequest,
     CommitRequest,
     ConsumeRequest,
     FreeRequest,
@@ -96,6 +99,10 @@ class QuotaEngine:
     async def consume(self, req: ConsumeRequest) -> Decision:
         """CheckAndConsume (or Reserve, for a ReserveRequest)."""
         return _expect(await self.decide(req), Decision)
+
+    async def admit_all(self, req: AdmitAllRequest) -> GroupDecision:
+        """Several CheckAndConsumes of one tenant, all-or-nothing."""
+        return _expect(await self.decide(req), GroupDecision)
 
     async def reserve(self, req: ReserveRequest) -> Decision:
         return _expect(await self.decide(req), Decision)

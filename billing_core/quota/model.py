@@ -5,7 +5,7 @@ decisions makes. Plain values; the database maps its rows onto them in billing_c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -143,3 +143,23 @@ class Changes:
     # request_ids found free and left free (denials, errors): still free when the changes
     # are written, or another transaction answered a copy of the request meanwhile
     unclaimed: list[tuple[str, str]] = field(default_factory=list)
+
+    def mark(self) -> tuple[dict[str, int], dict[str, dict[Any, Any]]]:
+        """Where the changes stand: what rewind() goes back to."""
+        lengths: dict[str, int] = {}
+        copies: dict[str, dict[Any, Any]] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                lengths[f.name] = len(value)
+            else:
+                copies[f.name] = dict(value)
+        return lengths, copies
+
+    def rewind(self, mark: tuple[dict[str, int], dict[str, dict[Any, Any]]]) -> None:
+        """Forget every change queued since `mark` (decisions that must not count)."""
+        lengths, copies = mark
+        for name, length in lengths.items():
+            del getattr(self, name)[length:]
+        for name, copy in copies.items():
+            setattr(self, name, dict(copy))

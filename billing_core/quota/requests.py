@@ -263,8 +263,42 @@ class TidyRequest:
         _require_tenant(self.tenant_id)
 
 
-# what a batch decides: CheckAndConsume or Reserve (a ReserveRequest), Commit, Release,
-# Free, ReportUsage, Tidy
+MAX_GROUP = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitAllRequest:
+    """Several CheckAndConsumes of one tenant decided all-or-nothing: each is decided in
+    order against the state the ones before it leave, and unless every one is allowed none
+    of them counts (Envoy's rate-limit descriptors of one HTTP request)."""
+
+    tenant_id: str
+    members: tuple[ConsumeRequest, ...]
+
+    def validate(self) -> None:
+        _require_tenant(self.tenant_id)
+        if not 0 < len(self.members) <= MAX_GROUP:
+            raise InvalidRequest(f"between 1 and {MAX_GROUP} requests are decided together")
+        ids = set()
+        for member in self.members:
+            if member.tenant_id != self.tenant_id:
+                raise InvalidRequest("the requests decided together must be of one tenant")
+            if member.dry_run or member.hold_seconds is not None:
+                raise InvalidRequest("only CheckAndConsumes that count are decided together")
+            member.validate()
+            ids.add(member.request_id)
+        if len(ids) != len(self.members):
+            raise InvalidRequest("the requests decided together need distinct request_ids")
+
+
+# what a batch decides: CheckAndConsume or Reserve (a ReserveRequest), several
+# CheckAndConsumes all-or-nothing, Commit, Release, Free, ReportUsage, Tidy
 Request = (
-    ConsumeRequest | CommitRequest | ReleaseRequest | FreeRequest | ReportRequest | TidyRequest
+    ConsumeRequest
+    | AdmitAllRequest
+    | CommitRequest
+    | ReleaseRequest
+    | FreeRequest
+    | ReportRequest
+    | TidyRequest
 )

@@ -1,8 +1,9 @@
-"""Every RPC of the sidecar fuzzed over real gRPC (hypothesis): odd, empty, huge and NUL
-strings, extreme amounts, unknown enum numbers, missing fields, reused request ids, an
-oversized message. The answer is a decision or INVALID_ARGUMENT, NOT_FOUND,
-FAILED_PRECONDITION (RESOURCE_EXHAUSTED for size) — never INTERNAL or UNKNOWN — and a
-refused call writes nothing."""
+"""Every RPC of the sidecar, Envoy's ShouldRateLimit included, fuzzed over real gRPC
+(hypothesis): odd, empty, huge and NUL strings, extreme amounts, unknown enum numbers,
+missing fields, reused request ids, an oversized message. The answer is a decision or
+INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (RESOURCE_EXHAUSTED for size) — never
+INTERNAL or UNKNOWN — and a refused call writes nothing. ShouldRateLimit answers OK or
+OVER_LIMIT, and an OVER_LIMIT writes nothing."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import grpc
 import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool
@@ -226,6 +229,67 @@ async def test_every_rpc_answers_a_decision_or_a_clear_refusal(
         assert exc.code() in REFUSALS, (rpc, exc.code(), exc.details())
         assert exc.details(), "a refusal says why"
         assert await _counts(pool) == before, (rpc, "a refusal wrote")
+
+
+def _descriptor(
+    entries: list[tuple[str, str]], hits: int | None
+) -> ratelimit_pb2.RateLimitDescriptor:
+    made = ratelimit_pb2.RateLimitDescriptor(
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries]
+    )
+    if hits is not None:
+        made.hits_addend.value = hits
+    return made
+
+
+entry_keys = st.one_of(st.sampled_from(["tenant", "resource", "member", "request_id"]), odd_text)
+descriptors = st.builds(
+    _descriptor,
+    st.lists(st.tuples(entry_keys, st.one_of(tenants, resources, request_ids)), max_size=5),
+    st.one_of(st.none(), st.sampled_from([0, 1, 2**53, 2**64 - 1]), st.integers(0, 2**64 - 1)),
+)
+should_rate_limit = st.builds(
+    rls_pb2.RateLimitRequest,
+    domain=st.one_of(st.just("quota"), odd_text),
+    descriptors=st.lists(descriptors, max_size=4),
+    hits_addend=st.one_of(st.just(0), st.integers(0, 2**32 - 1)),
+)
+
+
+@settings(
+    max_examples=100 * harness.scale(),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(request=should_rate_limit)
+async def test_envoy_rate_limit_answers_ok_or_over_limit_and_a_refusal_writes_nothing(
+    sidecar: QuotaServer,
+    pool: Pool,
+    fuzz_tenant: str,
+    tally: dict[str, int],
+    request: rls_pb2.RateLimitRequest,
+) -> None:
+    """ShouldRateLimit never fails for what Envoy sends: a status per descriptor, and an
+    OVER_LIMIT (an unknown tenant, an invalid entry, a denial) counts nothing."""
+    before = await _counts(pool)
+    tally["tried"] += 1
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        call = channel.unary_unary(
+            "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+            request_serializer=rls_pb2.RateLimitRequest.SerializeToString,
+            response_deserializer=rls_pb2.RateLimitResponse.FromString,
+        )
+        answer = await call(request, timeout=10)
+    assert len(answer.statuses) == len(request.descriptors)
+    if answer.overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT:
+        tally["refused"] += 1
+        assert {h.key for h in answer.response_headers_to_add} == {
+            "x-quota-reason",
+            "x-quota-message",
+        }
+        assert await _counts(pool) == before, "an OVER_LIMIT wrote"
+    else:
+        assert answer.overall_code == rls_pb2.RateLimitResponse.OK
 
 
 async def test_unknown_fields_are_skipped_and_bytes_that_are_no_request_refused(

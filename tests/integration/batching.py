@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from billing_core.errors import QuotaError
 from billing_core.quota import engine as engine_module
-from billing_core.quota.answers import Result, Tidied
+from billing_core.quota.answers import GroupDecision, Result, Tidied
 from billing_core.quota.engine import QuotaEngine
 from billing_core.quota.requests import Request
 from tests import factories as f
@@ -29,6 +29,8 @@ def outcome(result: Result) -> Any:
         return (type(result).__name__, message)
     if isinstance(result, bool):  # a Release
         return result
+    if isinstance(result, GroupDecision):
+        return ("group", result.allowed, [outcome(m) for m in result.members])
     assert not isinstance(result, Tidied)
     data = {**result.to_json(), "replayed": result.replayed}
     data.pop("usage_record_id", None)
