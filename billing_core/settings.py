@@ -41,6 +41,9 @@ class Settings:
     # off behind a pooler in transaction mode (PgBouncer): no prepared statements, no
     # session settings (both processes)
     db_prepared_statements: bool = True
+    # off when the tables are partitioned or distributed by tenant: the sidecar's statements
+    # are planned with their values, which prunes to the tenant's partition or shard
+    db_generic_plans: bool = True
     drain_seconds: int = 10
     coalesce_requests: bool = True
     # batches decided at once; a tenant always goes to the same lane
@@ -103,6 +106,8 @@ class Settings:
             db_pool_size=_int(env, "QUOTA_DB_POOL_SIZE", 8),
             db_acquire_timeout_ms=_int(env, "QUOTA_DB_ACQUIRE_TIMEOUT_MS", 2000),
             db_prepared_statements=_str(env, "DB_PREPARED_STATEMENTS", "on").lower()
+            not in ("0", "off", "false"),
+            db_generic_plans=_str(env, "DB_GENERIC_PLANS", "on").lower()
             not in ("0", "off", "false"),
             drain_seconds=_int(env, "QUOTA_DRAIN_SECONDS", 10),
             coalesce_requests=_str(env, "QUOTA_COALESCE", "on").lower()

@@ -171,6 +171,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None) -> Qu
         quota_only=True,
         batch_lock_timeout_ms=settings.batch_lock_timeout_ms,
         prepared=settings.db_prepared_statements,
+        generic_plans=settings.db_generic_plans,
     )
     engine = QuotaEngine(
         database.quota_store,

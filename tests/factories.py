@@ -27,8 +27,14 @@ def engine(
     *,
     batch_pool: AsyncConnectionPool[Any] | None = None,
     acquire_timeout_s: float = 2.0,
+    generic_plans: bool = True,
 ) -> QuotaEngine:
-    store = PgQuotaStore(pool, batch_pool=batch_pool, acquire_timeout_s=acquire_timeout_s)
+    store = PgQuotaStore(
+        pool,
+        batch_pool=batch_pool,
+        acquire_timeout_s=acquire_timeout_s,
+        generic_plans=generic_plans,
+    )
     return QuotaEngine(store, clock, rules or QuotaRules())
 
 

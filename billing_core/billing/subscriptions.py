@@ -190,8 +190,8 @@ async def apply_plan_grant(
     uow: UnitOfWork, tenant_id: str, plan_id: str, on: str, key: str, now: datetime
 ) -> bool:
     """Credit the plan's `on` grant once per key (subscription + period + kind)."""
-    plan = await uow.plans.get(plan_id)
-    grant = next((g for g in plan.spec.wallet_grants if g.on == on), None) if plan else None
+    grants = await uow.plans.wallet_grants(plan_id)
+    grant = next((g for g in grants if g.on == on), None)
     if grant is None:
         return False
     days = grant.expires_after_days

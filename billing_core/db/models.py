@@ -143,10 +143,23 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200))
     email: Mapped[str] = mapped_column(String(320), server_default="")
     timezone: Mapped[str] = mapped_column(String(64), server_default="UTC")
-    # the tenant's customer at the payment provider, created at the first checkout
-    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # the tenant's customer at the payment provider, created at the first checkout (one
+    # tenant per customer: provider_customers, keyed by the customer, holds that)
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
     # one trial per tenant, ever
     trial_used_at: Mapped[datetime | None] = mapped_column(TS)
+    created_at: Mapped[datetime] = _created()
+
+
+class ProviderCustomer(Base):
+    """Which tenant a payment provider's customer belongs to: how a webhook, which names
+    the customer only, finds its tenant. Keyed by the customer, so the lookup is one row
+    wherever the tenants' rows are (a table of its own when distributed by tenant)."""
+
+    __tablename__ = "provider_customers"
+
+    stripe_customer_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = _created()
 
 
@@ -165,7 +178,9 @@ class Subscription(Base):
             unique=True,
             postgresql_where=text("is_current"),
         ),
-        UniqueConstraint("stripe_subscription_id"),
+        # unique within the tenant: every unique constraint of a tenant's rows includes
+        # tenant_id, so the table can be distributed by it
+        UniqueConstraint("tenant_id", "stripe_subscription_id"),
     )
 
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.tenant_id"), primary_key=True)

@@ -76,6 +76,16 @@ class PlanRepository:
         row = await cur.fetchone()
         return None if row is None else _view(row)
 
+    async def wallet_grants(self, plan_id: str) -> tuple[GrantSpec, ...]:
+        """The plan's wallet grants (none for an unknown plan): plans' tables only, where a
+        plan's view also counts its subscribers across every tenant."""
+        cur = await self._conn.execute(
+            "SELECT grant_on, amount_micros, expires_after_days FROM plan_wallet_grants"
+            " WHERE plan_id = %s ORDER BY grant_on",
+            (plan_id,),
+        )
+        return tuple(GrantSpec(on, amount, days) for on, amount, days in await cur.fetchall())
+
     async def page(self, *, after: str | None, active: bool | None, limit: int) -> list[PlanView]:
         """Plans by id after `after`, at most `limit`."""
         cur = await self._conn.execute(

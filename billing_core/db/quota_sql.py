@@ -23,19 +23,32 @@ from billing_core.rules.resources import PERIOD_ORDER, Overage, Period
 
 CLAIM_RACE_SQLSTATE = "QB001"  # raised by quota_expect_claims (migration 0004)
 
+
 # Every row a transaction touches is reached through an index, by plans made once per
 # connection: generic plans (PostgreSQL would otherwise re-plan the read statement for every
 # transaction) with sequential scans ruled out (a generic plan made while the tables were
 # small would go on scanning them once they had grown). Local to the transaction, so other
 # users of the connection keep PostgreSQL's own choices. A transaction also waits at most
 # `lock_timeout` for a row lock held elsewhere (0: no limit).
-TRANSACTION_SETTINGS = Statement(
-    "SELECT set_config('enable_seqscan', 'off', true),"
-    " set_config('plan_cache_mode', 'force_generic_plan', true),"
-    " set_config('lock_timeout', %(lock_timeout)s, true)"
-)
-# the same for a whole session, on connections that serve the quota engine only (the sidecar's)
-PLAN_SETTINGS = {"enable_seqscan": "off", "plan_cache_mode": "force_generic_plan"}
+# Without generic plans (DB_GENERIC_PLANS=off) each statement is planned with its values:
+# what tables partitioned or distributed by tenant need to reach the tenant's partition only
+# (a generic plan cannot prune by `tenant_id = ANY($1)`), at the cost of planning each time.
+def plan_settings(*, generic: bool) -> dict[str, str]:
+    """The plan settings, for a whole session on connections that serve the quota engine
+    only (the sidecar's)."""
+    mode = "force_generic_plan" if generic else "force_custom_plan"
+    return {"enable_seqscan": "off", "plan_cache_mode": mode}
+
+
+@cache
+def transaction_settings(*, generic: bool) -> Statement:
+    """The same, local to one transaction, with its lock timeout."""
+    mode = "force_generic_plan" if generic else "force_custom_plan"
+    return Statement(
+        "SELECT set_config('enable_seqscan', 'off', true),"
+        f" set_config('plan_cache_mode', '{mode}', true),"
+        " set_config('lock_timeout', %(lock_timeout)s, true)"
+    )
 
 
 def text_array(values: Iterable[str]) -> str:
@@ -204,7 +217,8 @@ def reservation_windows(windows: Iterable[tuple[str, Period, datetime]]) -> list
 
 # --- locks -----------------------------------------------------------------------------------
 
-# Counters (created if missing), then wallets, then grants — the lock order: the branches
+# Counters (created if missing; `empty` ones are dropped again when nothing used them: an
+# empty counter counts as no counter), then wallets, then grants — the lock order: the branches
 # of a UNION ALL run one after the other, each reading its CTE to the end. A missing wallet
 # is an empty one. Grants: those that still count, past their expiry or not, in the order
 # they pay (rules/wallet.py).
@@ -216,7 +230,8 @@ counters AS (
     ORDER BY n
     ON CONFLICT (tenant_id, resource, period, window_start)
     DO UPDATE SET used = c.used
-    RETURNING tenant_id, resource, period, window_start, used, reserved, xmax = 0 AS created
+    RETURNING tenant_id, resource, period, window_start, used, reserved,
+              used = 0 AND reserved = 0 AS empty
 )"""
 _LOCK_WALLETS = """
 wallets AS (
@@ -229,7 +244,7 @@ wallets AS (
     ORDER BY tenant_id, expires_at NULLS LAST, created_at, grant_id FOR UPDATE
 )"""
 _LOCKED_COUNTERS = """
-    SELECT 'c', tenant_id, resource, period, window_start, used, reserved, created,
+    SELECT 'c', tenant_id, resource, period, window_start, used, reserved, empty,
            NULL::timestamptz FROM counters"""
 _LOCKED_WALLETS = """
     SELECT 'w', tenant_id, NULL, NULL, NULL, balance_micros, held_micros, NULL, NULL
@@ -246,10 +261,10 @@ def _locked_part(counters: bool, wallets: bool) -> tuple[list[str], str]:
     return (
         ctes,
         f"""
-  (SELECT coalesce(json_agg(json_build_array(kind, tenant_id, name, period, at, n1, n2, created)
+  (SELECT coalesce(json_agg(json_build_array(kind, tenant_id, name, period, at, n1, n2, empty)
                             ORDER BY kind, tenant_id, at NULLS LAST, created_at, name), '[]')::text
      FROM ({" UNION ALL ".join(rows)}
-     ) l(kind, tenant_id, name, period, at, n1, n2, created, created_at))""",
+     ) l(kind, tenant_id, name, period, at, n1, n2, empty, created_at))""",
     )
 
 
@@ -359,15 +374,13 @@ _WRITE_PARTS = {
     ORDER BY n
 """,
     "finished": """
-    UPDATE reservations r SET status = v.e->>2, finished_at = %(now)s::timestamptz,
-                              usage_record_id = v.e->>3,
-                              commit_response = nullif(v.e->4, 'null'::jsonb)
-    FROM (SELECT u.e, x.ctid AS row_id
-            FROM jsonb_array_elements(%(finished)s::jsonb) AS u(e),
-                 LATERAL (SELECT ctid FROM reservations x
-                           WHERE x.tenant_id = u.e->>0 AND x.reservation_id = u.e->>1
-                           LIMIT 1) x) v
-    WHERE r.ctid = v.row_id
+    UPDATE reservations r SET status = u.e->>2, finished_at = %(now)s::timestamptz,
+                              usage_record_id = u.e->>3,
+                              commit_response = nullif(u.e->4, 'null'::jsonb)
+    FROM jsonb_array_elements(%(finished)s::jsonb) AS u(e)
+    WHERE r.tenant_id = ANY(%(finished_tenants)s::text[])
+      AND r.reservation_id = ANY(%(finished_ids)s::text[])
+      AND r.tenant_id = u.e->>0 AND r.reservation_id = u.e->>1
 """,
     "grants": """
     UPDATE wallet_grants g SET remaining_micros = g.remaining_micros - (u.e->>2)::bigint
@@ -487,6 +500,8 @@ def write_parameters(
     if w.finished:
         parts.append("finished")
         values["finished"] = _json([[t, rid, *rest] for (t, rid), rest in w.finished.items()])
+        values["finished_tenants"] = text_array(sorted({t for t, _ in w.finished}))
+        values["finished_ids"] = text_array(sorted({rid for _, rid in w.finished}))
     if debits:
         parts.append("grants")
         values["debits"] = _json([[t, g, m] for (t, g), m in sorted(debits.items())])
@@ -560,8 +575,12 @@ SELECT coalesce(json_agg(t.tenant_id ORDER BY t.tenant_id), '[]')::text FROM (
 # Forget request_ids past their expiry, oldest first; keys another transaction holds are
 # skipped (it is taking one over, or another sweeper is deleting it).
 DELETE_EXPIRED_KEYS = """
-WITH gone AS (DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM idempotency_keys WHERE expires_at <= %(now)s
-     ORDER BY expires_at LIMIT %(n)s FOR UPDATE SKIP LOCKED)) RETURNING 1)
+WITH due AS (
+    SELECT tenant_id, request_id FROM idempotency_keys WHERE expires_at <= %(now)s
+     ORDER BY expires_at LIMIT %(n)s FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM idempotency_keys k USING due
+     WHERE k.tenant_id = due.tenant_id AND k.request_id = due.request_id RETURNING 1
+)
 SELECT count(*) FROM gone
 """

@@ -23,7 +23,6 @@ from billing_core.db.quota_sql import (
     LAPSED_TENANTS,
     LOCK_RESERVATIONS,
     OFFERS,
-    TRANSACTION_SETTINGS,
     context_from_row,
     lapsed_reservations,
     lock_parameters,
@@ -32,6 +31,7 @@ from billing_core.db.quota_sql import (
     reads,
     text_array,
     timestamp,
+    transaction_settings,
     write_parameters,
     writes,
 )
@@ -208,9 +208,9 @@ class PgQuotaSession:
 def _locked(text: bytes | None) -> Locked:
     """What a lock statement (or the lock part of a read) answers."""
     locked = Locked({}, {}, {})
-    for kind, t, name, period, at, n1, n2, created in orjson.loads(text or b""):
+    for kind, t, name, period, at, n1, n2, empty in orjson.loads(text or b""):
         if kind == "c":
-            locked.counters[(t, name, Period(period), timestamp(at))] = (n1, n2, created)
+            locked.counters[(t, name, Period(period), timestamp(at))] = (n1, n2, empty)
         elif kind == "w":
             locked.wallets[t] = (n1, n2)
         else:
@@ -241,7 +241,7 @@ class PgQuotaStore:
     a lane that keeps to one backend finds its statements prepared and its caches warm.
 
     `session_lock_timeouts`: when the pools' connections serve the quota engine only and
-    were opened with PLAN_SETTINGS and these lock timeouts (shared pool, batch pool), a
+    were opened with plan_settings() and these lock timeouts (shared pool, batch pool), a
     transaction that wants those sends no settings of its own."""
 
     def __init__(
@@ -252,9 +252,11 @@ class PgQuotaStore:
         acquire_timeout_s: float = 2.0,
         session_lock_timeouts: tuple[int, int] | None = None,
         prepared: bool = True,
+        generic_plans: bool = True,
     ) -> None:
         self._pool = pool
         self._prepared = prepared
+        self._transaction_settings = transaction_settings(generic=generic_plans)
         self._batch_pool = batch_pool or pool
         self._acquire_timeout_s = acquire_timeout_s
         self._session_lock_timeouts = session_lock_timeouts
@@ -284,7 +286,7 @@ class PgQuotaStore:
             ):
                 wire.send(BEGIN)
                 if settings is not None:
-                    wire.send(TRANSACTION_SETTINGS, settings)
+                    wire.send(self._transaction_settings, settings)
                 answers = await work(PgQuotaSession(wire))
                 wire.send(COMMIT)  # with the writes: one round trip
                 await wire.sync()

@@ -112,10 +112,12 @@ class TenantRepository:
             "UPDATE tenants SET stripe_customer_id = %s WHERE tenant_id = %s",
             (customer_id, tenant_id),
         )
+        await self._claim_customer(tenant_id, customer_id)
 
     async def by_provider_customer(self, customer_id: str) -> str | None:
         cur = await self._conn.execute(
-            "SELECT tenant_id FROM tenants WHERE stripe_customer_id = %s", (customer_id,)
+            "SELECT tenant_id FROM provider_customers WHERE stripe_customer_id = %s",
+            (customer_id,),
         )
         row = await cur.fetchone()
         return None if row is None else str(row[0])
@@ -129,7 +131,27 @@ class TenantRepository:
             (customer_id, tenant_id),
         )
         row = await cur.fetchone()
-        return None if row is None else str(row[0])
+        if row is None:
+            return None
+        linked = str(row[0])
+        if linked and linked == customer_id:
+            await self._claim_customer(tenant_id, linked)
+        return linked
+
+    async def _claim_customer(self, tenant_id: str, customer_id: str) -> None:
+        """The customer belongs to the tenant from now on; one of another tenant is a
+        Conflict (the provider's customer ids are unique across tenants)."""
+        cur = await self._conn.execute(
+            "INSERT INTO provider_customers (stripe_customer_id, tenant_id) VALUES (%s, %s)"
+            " ON CONFLICT (stripe_customer_id) DO UPDATE"
+            " SET tenant_id = provider_customers.tenant_id RETURNING tenant_id",
+            (customer_id, tenant_id),
+        )
+        row = await cur.fetchone()
+        if row is not None and row[0] != tenant_id:
+            raise Conflict(
+                f"the payment provider's customer {customer_id!r} belongs to another tenant"
+            )
 
     async def exists(self, tenant_id: str) -> bool:
         cur = await self._conn.execute("SELECT 1 FROM tenants WHERE tenant_id = %s", (tenant_id,))

@@ -23,7 +23,7 @@ from billing_core.db.http_keys import HttpKeyRepository
 from billing_core.db.plans import PlanRepository
 from billing_core.db.pool import open_pool, ping
 from billing_core.db.prices import PriceRepository
-from billing_core.db.quota_sql import PLAN_SETTINGS
+from billing_core.db.quota_sql import plan_settings
 from billing_core.db.quota_store import PgQuotaStore
 from billing_core.db.tenants import TenantRepository
 from billing_core.db.usage import UsageRepository
@@ -58,6 +58,7 @@ class Database:
         acquire_timeout_s: float = 2.0,
         session_lock_timeouts: tuple[int, int] | None = None,
         prepared: bool = True,
+        generic_plans: bool = True,
     ) -> None:
         self.pool = pool
         self.batch_pool = batch_pool
@@ -68,6 +69,7 @@ class Database:
             acquire_timeout_s=acquire_timeout_s,
             session_lock_timeouts=session_lock_timeouts,
             prepared=prepared,
+            generic_plans=generic_plans,
         )
 
     @classmethod
@@ -81,13 +83,15 @@ class Database:
         quota_only: bool = False,
         batch_lock_timeout_ms: int = 0,
         prepared: bool = True,
+        generic_plans: bool = True,
     ) -> Database:
         """Open the pools (`batch_size` connections kept for batches, when > 0).
         `quota_only`: the connections serve the quota engine alone (the sidecar), so its
         plan settings, and the batches' lock timeout, are made once per connection.
         `prepared=False` (behind a pooler in transaction mode, where a connection is not a
         session): no prepared statements and no session settings — each transaction sends
-        its own."""
+        its own. `generic_plans=False`: the quota statements are planned with their values
+        each time (tables partitioned or distributed by tenant)."""
         if not quota_only or not prepared:
             pool = await open_pool(url, size, prepared=prepared)
             batch_pool = (
@@ -95,10 +99,11 @@ class Database:
             )
             return cls(
                 pool, batch_pool=batch_pool, acquire_timeout_s=acquire_timeout_s,
-                prepared=prepared,
+                prepared=prepared, generic_plans=generic_plans,
             )  # fmt: skip
-        batch_session = {**PLAN_SETTINGS, "lock_timeout": str(batch_lock_timeout_ms)}
-        pool = await open_pool(url, size, session={**PLAN_SETTINGS, "lock_timeout": "0"})
+        plans = plan_settings(generic=generic_plans)
+        batch_session = {**plans, "lock_timeout": str(batch_lock_timeout_ms)}
+        pool = await open_pool(url, size, session={**plans, "lock_timeout": "0"})
         batch_pool = (
             await open_pool(url, batch_size, session=batch_session) if batch_size > 0 else None
         )
@@ -107,6 +112,7 @@ class Database:
             batch_pool=batch_pool,
             acquire_timeout_s=acquire_timeout_s,
             session_lock_timeouts=(0, batch_lock_timeout_ms),
+            generic_plans=generic_plans,
         )
 
     @asynccontextmanager

@@ -179,12 +179,12 @@ async def decide_batch(
         locked.counters |= more.counters
         locked.wallets |= more.wallets
         locked.grants |= more.grants
-    created: list[Key] = []
-    for (t, resource, period, start), (used, reserved, new) in locked.counters.items():
+    empty: list[Key] = []  # counters locked empty: dropped again unless used
+    for (t, resource, period, start), (used, reserved, was_empty) in locked.counters.items():
         if t in tenants:
             tenants[t].counts[(resource, period, start)] = (used, reserved)
-        if new:
-            created.append((t, resource, period, start))
+        if was_empty:
+            empty.append((t, resource, period, start))
     for t, wallet in locked.wallets.items():
         if t in tenants:
             tenants[t].wallet = wallet
@@ -234,7 +234,7 @@ async def decide_batch(
             was_used, was_reserved, _ = locked.counters[(t, *key)]
             if (used, reserved) != (was_used, was_reserved):
                 changes.deltas[(t, *key)] = (used - was_used, reserved - was_reserved)
-    changes.dropped = [k for k in created if k not in changes.deltas]
+    changes.dropped = [k for k in empty if k not in changes.deltas]
     claimed = {(c[0], c[1]) for c in changes.claims}
     changes.unclaimed = [
         k for k in keys if k not in reads.taken and k not in claimed and k[0] in tenants

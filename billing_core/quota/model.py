@@ -124,7 +124,7 @@ class Changes:
     """Everything one transaction of decisions writes, in the order it was decided."""
 
     deltas: dict[TenantKey, tuple[int, int]] = field(default_factory=dict)  # used, reserved
-    dropped: list[TenantKey] = field(default_factory=list)  # created, then nothing used them
+    dropped: list[TenantKey] = field(default_factory=list)  # locked empty, left empty
     records: list[tuple[str, UsageRecord]] = field(default_factory=list)
     reservations: list[NewReservation] = field(default_factory=list)
     # reservations committed, released or expired: tenant, reservation_id, status,

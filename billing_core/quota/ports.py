@@ -33,7 +33,7 @@ Work = Callable[["QuotaSession"], Awaitable[Pending[T]]]
 
 @dataclass(slots=True)
 class Locked:
-    counters: dict[TenantKey, tuple[int, int, bool]]  # used, reserved, created just now
+    counters: dict[TenantKey, tuple[int, int, bool]]  # used, reserved, empty when locked
     wallets: dict[str, tuple[int, int]]  # balance, held — of the wallets that exist
     # grants that still count (live ones, and those past their expiry not yet expired), in
     # the order they pay (rules/wallet.py)

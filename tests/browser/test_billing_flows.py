@@ -310,7 +310,9 @@ async def _customer_on_a_test_clock(live: Live, tenant: str) -> tuple[str, int]:
             params={"email": f"owner@{tenant}.example", "test_clock": clock.id}
         )
     await live.stack.fetch(
-        "UPDATE tenants SET stripe_customer_id = %s WHERE tenant_id = %s RETURNING 1",
+        "WITH t AS (UPDATE tenants SET stripe_customer_id = %s WHERE tenant_id = %s"
+        " RETURNING stripe_customer_id, tenant_id) INSERT INTO provider_customers"
+        " SELECT stripe_customer_id, tenant_id FROM t RETURNING 1",
         customer.id,
         tenant,
     )

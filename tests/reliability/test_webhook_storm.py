@@ -77,7 +77,9 @@ async def live_lifecycles(stack: Stack, uid: str, n: int) -> tuple[list[str], di
                 params={"email": f"{t}@storm.test", "test_clock": clock.id}
             )
             await stack.fetch(
-                "UPDATE tenants SET stripe_customer_id = %s WHERE tenant_id = %s RETURNING 1",
+                "WITH t AS (UPDATE tenants SET stripe_customer_id = %s WHERE tenant_id = %s"
+                " RETURNING stripe_customer_id, tenant_id) INSERT INTO provider_customers"
+                " SELECT stripe_customer_id, tenant_id FROM t RETURNING 1",
                 customer.id,
                 t,
             )
