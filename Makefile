@@ -41,7 +41,8 @@ check-generated: $(STAMP) ## fail when the committed stubs differ from a fresh g
 	$(PY) scripts/gen_proto.py --check
 
 test: $(STAMP) lint check-generated ## all quality gates, then the whole test suite (the browser tests last)
-	scripts/ensure_pgbouncer.sh
+	scripts/apt_ensure.sh /usr/sbin/pgbouncer pgbouncer
+	scripts/apt_ensure.sh /usr/bin/promtool prometheus
 	$(PY) -m pytest
 	$(MAKE) test-browser
 
@@ -54,13 +55,14 @@ screenshots: $(STAMP) ## render the main pages with demo data into docs/screensh
 	$(PY) -m pytest tests/browser/screenshots.py --output .artifacts/screenshots
 
 bench: $(STAMP) ## benchmarks side by side with an echo server and the textbook implementation (README: Performance)
+	scripts/apt_ensure.sh /usr/sbin/pgbouncer pgbouncer
 	$(PY) -m bench
 
 RELIABILITY_SCALE ?= 20
 RELIABILITY_SUITES := tests/reliability tests/e2e/test_grpc_fuzz.py tests/e2e/test_fail_open_spool.py \
 	tests/billing/test_webhooks.py tests/api/test_openapi_conformance.py
 reliability: $(STAMP) ## fault, storm and fuzz suites with larger counts (minutes); writes docs/reliability.md
-	scripts/ensure_pgbouncer.sh
+	scripts/apt_ensure.sh /usr/sbin/pgbouncer pgbouncer
 	@mkdir -p .artifacts && rm -f .artifacts/reliability.jsonl
 	@start=$$(date +%s); \
 	RELIABILITY_SCALE=$(RELIABILITY_SCALE) RELIABILITY_REPORT=$(CURDIR)/.artifacts/reliability.jsonl \

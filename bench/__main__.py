@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -28,9 +29,13 @@ from typing import Any
 from bench import pages
 from bench.data import add_history, check_books, seed, vacuum
 from bench.measure import ROOT, Config, Server, drive, start_reference, start_sidecar
+from bench.pooler import pgbouncer
 from bench.report import (
+    CUSTOM_PLANS,
     FLOORS,
     RESERVE_COMMIT,
+    SIDECARS_3,
+    THROUGH_PGBOUNCER,
     Result,
     chart,
     combine,
@@ -58,6 +63,7 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
     names = [f"bp_bench_{os.getpid()}", f"bp_bench_{os.getpid()}_history"]
     url, history_url = (ensure_database(server_url, db_name) for db_name in names)
     servers: list[Server] = []
+    exits = contextlib.ExitStack()  # the PgBouncer
     page_server: pages.PageServer | None = None
     rounds: list[list[Result]] = [[] for _ in range(cfg.rounds)]
     started = datetime.now(UTC)
@@ -73,17 +79,32 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
             *((floor, ["hot"]) for floor in FLOORS),
             ("sidecar", ["hot", "10k-uniform", "zipf", RESERVE_COMMIT]),
             ("sidecar (no coalescing)", ["hot", RESERVE_COMMIT]),
+            (SIDECARS_3, ["hot", "10k-uniform"]),
+            (THROUGH_PGBOUNCER, ["hot"]),
+            (CUSTOM_PLANS, ["hot"]),
         ]
         points: list[tuple[Server, str, int]] = []
         for server_name, scenarios in plan:
-            if server_name.startswith("sidecar"):
+            if server_name == SIDECARS_3:
+                server = start_sidecar(url, True, name=server_name, count=3)
+            elif server_name == THROUGH_PGBOUNCER:
+                bouncer = exits.enter_context(pgbouncer(url))
+                env = {"DB_PREPARED_STATEMENTS": "off"}
+                server = start_sidecar(bouncer, True, name=server_name, env=env)
+            elif server_name == CUSTOM_PLANS:
+                env = {"DB_GENERIC_PLANS": "off"}
+                server = start_sidecar(url, True, name=server_name, env=env)
+            elif server_name.startswith("sidecar"):
                 server = start_sidecar(url, coalesce=server_name == "sidecar")
             else:
                 server = start_reference(server_name, url)
             servers.append(server)
             for scenario in scenarios:
                 for n in cfg.in_flight:
-                    if server_name != "sidecar" and n == 8:
+                    if server_name == SIDECARS_3:
+                        if n != max(cfg.in_flight):
+                            continue  # several sidecars are about many calls in flight
+                    elif server_name != "sidecar" and n == 8:
                         continue  # the references at 1 and 64 are what the ratios use
                     if server_name in FLOORS and n != 1:
                         continue  # a floor bounds the latency of a lone call
@@ -121,8 +142,9 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
         if page_server is not None:
             page_server.stop()
         for server in servers:
-            if server.process.poll() is None:
+            if server.running():
                 server.stop()
+        exits.close()
         for db_name in names:
             drop_database(server_url, db_name)
         if embedded is not None:

@@ -48,12 +48,15 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     errors = 0
     counter = itertools.count()
     prefix = f"{os.getpid()}-{time.time_ns()}"
-    async with grpc.aio.insecure_channel(args.target) as channel:
-        stub = pb_grpc.QuotaServiceStub(channel)
+    # several targets (several sidecars on one database): the calls go round them
+    channels = [grpc.aio.insecure_channel(t) for t in args.target.split(",")]
+    stubs = [pb_grpc.QuotaServiceStub(c) for c in channels]
+    try:
 
         async def call() -> None:
             nonlocal errors
             n = next(counter)
+            stub = stubs[n % len(stubs)]
             tenant, request_id = tenants[n % len(tenants)], f"{prefix}-{n}"
             priced = tokens if args.resource == "tokens" else None
             started = time.perf_counter()
@@ -95,6 +98,9 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         started = time.perf_counter()
         await asyncio.gather(*(worker(started + args.seconds) for _ in range(args.in_flight)))
         elapsed = time.perf_counter() - started
+    finally:
+        for channel in channels:
+            await channel.close(None)
     ordered = sorted(latencies)
     return {
         "calls": len(ordered),

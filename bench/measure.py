@@ -35,25 +35,41 @@ class Config:
 
 @dataclass
 class Server:
+    """One server process — or several alike (`more`: sidecars on one database), their
+    targets comma-separated, their CPU summed."""
+
     name: str
     process: subprocess.Popen[str]
     target: str
+    more: tuple[subprocess.Popen[str], ...] = ()
+
+    @property
+    def processes(self) -> tuple[subprocess.Popen[str], ...]:
+        return (self.process, *self.more)
 
     def cpu_seconds(self) -> float:
-        return _cpu_ticks(self.process.pid)[1] / os.sysconf("SC_CLK_TCK")
+        ticks = sum(_cpu_ticks(p.pid)[1] for p in self.processes)
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        peak = 0.0
+        for p in self.processes:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        return peak
+
+    def running(self) -> bool:
+        return all(p.poll() is None for p in self.processes)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        for p in self.processes:
+            p.terminate()
+        for p in self.processes:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def _cpu_ticks(pid: int) -> tuple[str, int]:
@@ -113,21 +129,35 @@ def _wait_serving(target: str, timeout_s: float = 30) -> None:
     raise RuntimeError(f"{target} did not become SERVING")
 
 
-def start_sidecar(database_url: str, coalesce: bool) -> Server:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "QUOTA_GRPC_PORT": str(port),
-        "QUOTA_METRICS_PORT": "-1",
-        "QUOTA_COALESCE": "on" if coalesce else "off",
-        "LOG_LEVEL": "warning",
-        "LOG_FORMAT": "json",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "quota_service"], env=env, cwd=ROOT, text=True)
-    target = f"127.0.0.1:{port}"
-    _wait_serving(target)
-    return Server("sidecar" if coalesce else "sidecar (no coalescing)", proc, target)
+def start_sidecar(
+    database_url: str,
+    coalesce: bool,
+    *,
+    name: str = "",
+    count: int = 1,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """`count` sidecar processes on the database (`env`: more settings)."""
+    procs, targets = [], []
+    for _ in range(count):
+        port = _free_port()
+        settings = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "QUOTA_GRPC_PORT": str(port),
+            "QUOTA_METRICS_PORT": "-1",
+            "QUOTA_COALESCE": "on" if coalesce else "off",
+            "LOG_LEVEL": "warning",
+            "LOG_FORMAT": "json",
+            **(env or {}),
+        }
+        command = [sys.executable, "-m", "quota_service"]
+        procs.append(subprocess.Popen(command, env=settings, cwd=ROOT, text=True))
+        targets.append(f"127.0.0.1:{port}")
+    for target in targets:
+        _wait_serving(target)
+    name = name or ("sidecar" if coalesce else "sidecar (no coalescing)")
+    return Server(name, procs[0], ",".join(targets), tuple(procs[1:]))
 
 
 # the references by name in the tables: their kind in bench.servers

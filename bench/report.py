@@ -14,6 +14,10 @@ FLOORS = ("floor (1 round trip)", "floor (2 round trips)")
 # the hot tenant's Reserve followed by the Commit of its reservation: one point is one pair
 # (by both sidecars: what coalescing them gives, in the same run)
 RESERVE_COMMIT = "hot, reserve+commit"
+# scale-out and deployment variants of the sidecar, each against the one sidecar
+SIDECARS_3 = "3 sidecars, one database"
+THROUGH_PGBOUNCER = "sidecar via PgBouncer"
+CUSTOM_PLANS = "sidecar, DB_GENERIC_PLANS=off"
 
 
 @dataclass
@@ -83,6 +87,21 @@ def _reference_ratios(results: list[Result]) -> list[tuple[str, float | None]]:
         found = _point(results, server, "hot", 1)
         value = found.p50_ms / echo.p50_ms if found and echo and echo.p50_ms else None
         rows.append((f"{server} p50 ÷ echo p50, 1 in flight", value))
+    # what several sidecars, a pooler and plans made per statement cost or give
+    alone = _point(results, "sidecar", "hot", 1)
+    for server, scen, n in (
+        (SIDECARS_3, "hot", 64),
+        (SIDECARS_3, "10k-uniform", 64),
+        (THROUGH_PGBOUNCER, "hot", 64),
+        (CUSTOM_PLANS, "hot", 64),
+    ):
+        found, base = _point(results, server, scen, n), _point(results, "sidecar", scen, n)
+        rows.append((f"calls/s {server} ÷ one sidecar, {n} in flight, {scen}",
+                     found.calls_per_s / base.calls_per_s if found and base else None))  # fmt: skip
+    for server in (THROUGH_PGBOUNCER, CUSTOM_PLANS):
+        found = _point(results, server, "hot", 1)
+        value = found.p50_ms / alone.p50_ms if found and alone and alone.p50_ms else None
+        rows.append((f"{server} p50 ÷ sidecar p50, 1 in flight", value))
     return rows
 
 

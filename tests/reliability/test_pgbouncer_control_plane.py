@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import httpx
 
+from bench.pooler import pgbouncer
 from tests.conftest import fresh_database, running_control_plane
-from tests.reliability.harness import pgbouncer
 
 
 async def test_the_control_plane_works_through_pgbouncer(server_url: str, uid: str) -> None:

@@ -17,12 +17,12 @@ import pytest
 from quota.v1 import quota_service_pb2 as pb
 from quota.v1 import quota_service_pb2_grpc as pb_grpc
 
+from bench.pooler import pgbouncer
 from billing_core.billing.model import quota
 from tests import factories as f
 from tests.conftest import fresh_database
 from tests.reliability.harness import (
     books,
-    pgbouncer,
     pool_of,
     report,
     running,
