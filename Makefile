@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PY_PACKAGES := billing_core quota_service control_plane stripe_emulator clients/python/src/quota_client scripts tests bench
+PY_PACKAGES := billing_core quota_service control_plane stripe_emulator clients/python/src/quota_client scripts tests bench examples
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-browser screenshots lint fmt proto check-generated bench reliability clean

@@ -55,7 +55,7 @@ async def create_billing_link(call: Call) -> s.BillingLink:
     tenant = await tenants.grant_billing_access(
         call.uow, call.actor, call.path["tenant_id"], expires_at, call.now
     )
-    url = pages.billing_link(tenant.tenant_id, b.return_url, expires_at)
+    url = pages.billing_link(tenant.tenant_id, b.return_url, expires_at, opens=b.opens)
     return s.BillingLink(url=url, expires_at=expires_at)
 
 

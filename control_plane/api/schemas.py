@@ -408,6 +408,13 @@ class BillingLinkCreate(Body):
     expires_in_seconds: Annotated[int, WHOLE] = Field(
         default=900, ge=60, le=86_400, description="how long the link may be opened"
     )
+    opens: str = Field(
+        default="overview",
+        max_length=80,
+        pattern=r"^(overview|plans|limits/([a-z_]{1,40}|custom:[a-z0-9][a-z0-9_.-]{0,62}))$",
+        description="the billing page the link opens: overview, plans, or limits/<resource> "
+        "(why a call was refused and what would allow more: for a denial's user)",
+    )
 
     @field_validator("return_url")
     @classmethod

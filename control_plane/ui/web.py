@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.requests import Request
@@ -73,11 +73,19 @@ class Pages:
 
     # --- billing links and sessions --------------------------------------------------
 
-    def billing_link(self, tenant_id: str, return_url: str | None, expires_at: datetime) -> str:
+    def billing_link(
+        self,
+        tenant_id: str,
+        return_url: str | None,
+        expires_at: datetime,
+        *,
+        opens: str = "overview",
+    ) -> str:
+        """`opens`: the page the link lands on (overview, plans, limits/<resource>)."""
         assert self.signer is not None
         token = self.signer.sign(
             "billing-link",
-            {"t": tenant_id, "r": return_url, "n": secrets.token_hex(8)},
+            {"t": tenant_id, "r": return_url, "n": secrets.token_hex(8), "p": opens},
             expires_at,
         )
         return f"{self.settings.public_base_url}/billing/session?token={token}"
@@ -92,7 +100,9 @@ class Pages:
         session = {"t": link["t"], "r": link.get("r"), "s": secrets.token_hex(16)}
         hours = self.settings.billing_session_hours
         value = self.signer.sign("billing-session", session, self._until(hours))
-        response = Response(status_code=303, headers={"Location": "/billing"})
+        opens = link.get("p")
+        landing = "/billing" if opens in (None, "overview") else f"/billing/{quote(str(opens))}"
+        response = Response(status_code=303, headers={"Location": landing})
         self._set_cookie(request, response, BILLING_COOKIE, value, "/billing", hours)
         return response
 

@@ -61,6 +61,31 @@ async def test_a_link_opens_a_session_for_its_tenant_only(
     assert float(overview.headers["server-timing"].removeprefix("app;dur=")) > 0
 
 
+async def test_a_link_can_open_the_limit_page_of_a_denial(
+    api: httpx.AsyncClient, control_plane: ControlPlane, uid: str
+) -> None:
+    """What the platform sends a user whose call was refused: the page that says why."""
+    tenant = f"limit-{uid}"
+    await _tenant(api, tenant, f"Limit Co {uid}")
+    for opens, landing in (
+        ("limits/messages", "/billing/limits/messages"),
+        ("limits/custom:gpu.minutes", "/billing/limits/custom%3Agpu.minutes"),
+        ("plans", "/billing/plans"),
+    ):
+        r = await api.post(f"/v1/tenants/{tenant}/billing-links", json={"opens": opens})
+        assert r.status_code == 201, r.text
+        async with httpx.AsyncClient(base_url=control_plane.url) as browser:
+            opened = await browser.get(r.json()["url"])
+            assert opened.status_code == 303 and opened.headers["location"] == landing
+            page = await browser.get(landing)
+        assert page.status_code == 200, page.text
+    page_text = page.text
+    assert f"Limit Co {uid}" in page_text
+    for wrong in ("limits/", "admin", "/billing", "limits/messages/../../admin", "LIMITS/x"):
+        r = await api.post(f"/v1/tenants/{tenant}/billing-links", json={"opens": wrong})
+        assert r.status_code == 422, (wrong, r.text)
+
+
 async def test_tampered_expired_and_foreign_tokens_open_nothing(
     api: httpx.AsyncClient, control_plane: ControlPlane, uid: str
 ) -> None:

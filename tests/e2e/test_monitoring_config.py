@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from quota_client import QuotaClient
 from quota_client.metrics import SpoolCollector
@@ -31,10 +32,11 @@ def _exported(text: str) -> set[str]:
 
 
 def _expressions() -> dict[str, list[str]]:
-    rules = (ROOT / "deploy/prometheus/alerts.yml").read_text()
+    config = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    rules = [rule["expr"] for group in config["groups"] for rule in group["rules"]]
     dashboard: dict[str, Any] = json.loads((ROOT / "deploy/grafana/billing-quota.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    return {"alerts.yml": [rules], "billing-quota.json": exprs}
+    return {"alerts.yml": rules, "billing-quota.json": exprs}
 
 
 def _executor_metrics(spool: Path) -> str:

@@ -291,12 +291,17 @@ class AdminClient:
 
     # payments
     def create_billing_link(
-        self, tenant_id: str, *, return_url: str | None = None, expires_in_seconds: int = 900
+        self,
+        tenant_id: str,
+        *,
+        return_url: str | None = None,
+        expires_in_seconds: int = 900,
+        opens: str = "overview",
     ) -> JSON:
         """{url, expires_at}: send the signed-in user's browser to url to open the tenant's
-        billing pages (overview, plans, limits); the link expires, the session it opens
-        lasts hours."""
-        body: dict[str, Any] = {"expires_in_seconds": expires_in_seconds}
+        billing pages on `opens` (overview, plans, or limits/<resource> after a denial); the
+        link expires, the session it opens lasts hours."""
+        body: dict[str, Any] = {"expires_in_seconds": expires_in_seconds, "opens": opens}
         if return_url is not None:
             body["return_url"] = return_url
         return self._call("create_billing_link", path={"tenant_id": tenant_id}, json=body)
