@@ -86,7 +86,9 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
         points: list[tuple[Server, str, int]] = []
         for server_name, scenarios in plan:
             if server_name == SIDECARS_3:
-                server = start_sidecar(url, True, name=server_name, count=3)
+                # a third of the pool each: the three hold the connections one sidecar does
+                env = {"QUOTA_DB_POOL_SIZE": "3"}
+                server = start_sidecar(url, True, name=server_name, count=3, env=env)
             elif server_name == THROUGH_PGBOUNCER:
                 bouncer = exits.enter_context(pgbouncer(url))
                 env = {"DB_PREPARED_STATEMENTS": "off"}

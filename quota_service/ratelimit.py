@@ -215,7 +215,8 @@ class RateLimitServicer:
             try:
                 decided = await self._admit_all(parsed.group)
             except (NotFound, InvalidRequest) as exc:
-                self._metrics.decided(METHOD, "refused", parsed.group.members[0].resource)
+                # an invalid resource name is no label: the metric stays bounded
+                self._metrics.decided(METHOD, "refused", "")
                 return refused(request, parsed, exc)
             for asked, answer in zip(parsed.group.members, decided.members, strict=True):
                 # a member allowed alone but not counted, for another member's denial: "group"

@@ -402,7 +402,8 @@ class BillingLinkCreate(Body):
     return_url: str | None = Field(
         default=None,
         max_length=2000,
-        pattern=rf"^[hH][tT][tT][pP][sS]?://[^/?#{SPACE}\x00]+([/?#][^{SPACE}\x00]*)?$",
+        # no brackets in the host: an IPv6 literal is no address for an app's settings page
+        pattern=rf"^[hH][tT][tT][pP][sS]?://[^/?#\[\]{SPACE}\x00]+([/?#][^{SPACE}\x00]*)?$",
         description="where the billing pages' 'Back to the app' link leads (http or https)",
     )
     expires_in_seconds: Annotated[int, WHOLE] = Field(
