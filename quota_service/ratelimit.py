@@ -86,7 +86,7 @@ def parse(request: rls_pb2.RateLimitRequest, domain: str, fresh_id: str) -> Pars
             request.hits_addend or 1
         )
         if amount > MAX_AMOUNT:
-            return Parsed(tuple(counted), refusal=("invalid_request", f"hits_addend {amount}"))
+            return Parsed((*counted, i), refusal=("invalid_request", f"hits_addend {amount}"))
         member = entries.get("member", "")
         counted.append(i)
         members.append(

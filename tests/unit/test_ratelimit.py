@@ -83,7 +83,7 @@ def test_several_tenants_or_absurd_amounts_are_refused_without_deciding() -> Non
         and "several tenants" in headers["x-quota-message"]
     )
     huge = parse(request(descriptor(hits=1 << 60, tenant="a", resource="m")), "quota", "f")
-    assert huge.refusal is not None and huge.group is None
+    assert huge.refusal is not None and huge.group is None and huge.counted == (0,)
 
 
 def window(period: Period, limit: int, used: int, resets_in: timedelta | None) -> WindowView:
