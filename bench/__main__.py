@@ -84,20 +84,22 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
             (CUSTOM_PLANS, ["hot"]),
         ]
         points: list[tuple[Server, str, int]] = []
+        pool = cfg.sidecar_pool or 8
+        sized = {"QUOTA_DB_POOL_SIZE": str(pool)}
         for server_name, scenarios in plan:
             if server_name == SIDECARS_3:
                 # a third of the pool each: the three hold the connections one sidecar does
-                env = {"QUOTA_DB_POOL_SIZE": "3"}
+                env = {"QUOTA_DB_POOL_SIZE": str(max(1, round(pool / 3)))}
                 server = start_sidecar(url, True, name=server_name, count=3, env=env)
             elif server_name == THROUGH_PGBOUNCER:
                 bouncer = exits.enter_context(pgbouncer(url))
-                env = {"DB_PREPARED_STATEMENTS": "off"}
+                env = {**sized, "DB_PREPARED_STATEMENTS": "off"}
                 server = start_sidecar(bouncer, True, name=server_name, env=env)
             elif server_name == CUSTOM_PLANS:
-                env = {"DB_GENERIC_PLANS": "off"}
+                env = {**sized, "DB_GENERIC_PLANS": "off"}
                 server = start_sidecar(url, True, name=server_name, env=env)
             elif server_name.startswith("sidecar"):
-                server = start_sidecar(url, coalesce=server_name == "sidecar")
+                server = start_sidecar(url, coalesce=server_name == "sidecar", env=sized)
             else:
                 server = start_reference(server_name, url)
             servers.append(server)
@@ -115,7 +117,7 @@ def run(cfg: Config, out: Path, database_url: str | None) -> dict[str, Any]:
                     points.append((server, scenario, n))
         # a sidecar of its own on the database with the history, measured right after the
         # other sidecar's last hot point (64 in flight)
-        historian = start_sidecar(history_url, coalesce=True)
+        historian = start_sidecar(history_url, coalesce=True, env=sized)
         servers.append(historian)
         hot = max(i for i, (s, sc, _) in enumerate(points) if s.name == "sidecar" and sc == "hot")
         points.insert(hot + 1, (historian, "history", 64))
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config(
             seconds=0.3, warmup=0.1, history_rows=2_000, tenants=200, in_flight=(1, 8),
             rounds=2, page_rows=2_000, page_renders=3,
+            sidecar_pool=2,  # small pools: the smoke run shares its server with a test session
         )  # fmt: skip
     else:
         cfg = Config(seconds=4.0, warmup=1.0, history_rows=5_000_000, tenants=TENANTS, rounds=3)

@@ -31,6 +31,9 @@ class Config:
     rounds: int = 3
     page_rows: int = 1_000_000  # the overview point's tenant with a history
     page_renders: int = 40  # views of each overview per round
+    # each sidecar's QUOTA_DB_POOL_SIZE (its default when None); the three sidecars on one
+    # database hold a third of it each
+    sidecar_pool: int | None = None
 
 
 @dataclass
