@@ -177,7 +177,9 @@ async def _storm(stack: Stack, server_url: str, uid: str, tmp_path: Path, n: int
                 async with pool.connection() as conn:
                     for t, customer in links:
                         await conn.execute(
-                            "UPDATE tenants SET stripe_customer_id = %s WHERE tenant_id = %s",
+                            "WITH t AS (UPDATE tenants SET stripe_customer_id = %s"
+                            " WHERE tenant_id = %s RETURNING stripe_customer_id, tenant_id)"
+                            " INSERT INTO provider_customers SELECT * FROM t",
                             (customer, t),
                         )
                     # stored, never applied: their process died before it could apply them
