@@ -110,7 +110,7 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -143,7 +143,7 @@ def start_sidecar(
     """`count` sidecar processes on the database (`env`: more settings)."""
     procs, targets = [], []
     for _ in range(count):
-        port = _free_port()
+        port = free_port()
         settings = {
             **os.environ,
             "DATABASE_URL": database_url,

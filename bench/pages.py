@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import httpx
 
 from bench.data import wide_plan_id
-from bench.measure import ROOT, _free_port
+from bench.measure import ROOT, free_port
 from bench.report import Result
 from billing_core.billing.api_keys import create_api_key
 from billing_core.db.pool import open_pool
@@ -75,7 +75,7 @@ class PageServer:
     """`python -m control_plane` on the database, with a browser session per tenant."""
 
     def __init__(self, database_url: str, key: str) -> None:
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = {
             **os.environ,

@@ -16,14 +16,8 @@ from pathlib import Path
 
 from psycopg.conninfo import conninfo_to_dict
 
+from bench.measure import free_port
 from billing_core.db.urls import libpq_url
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
@@ -37,7 +31,7 @@ def pgbouncer(database_url: str) -> Iterator[str]:
     port, user = str(info.get("port", 5432)), str(info.get("user", "postgres"))
     workdir = Path(tempfile.mkdtemp(prefix="bp-pgbouncer-"))
     workdir.chmod(0o777)
-    listen = _free_port()
+    listen = free_port()
     ini = workdir / "pgbouncer.ini"
     ini.write_text(
         f"[databases]\n{dbname} = host={host} port={port} dbname={dbname} user={user}\n"

@@ -16,7 +16,6 @@ database that cannot be reached is UNAVAILABLE, which Envoy's `failure_mode_deny
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +26,6 @@ import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from google.protobuf import duration_pb2
-from google.protobuf.message import DecodeError
 
 from billing_core.clock import Clock
 from billing_core.errors import InvalidRequest, NotFound, QuotaError
@@ -35,8 +33,8 @@ from billing_core.ids import new_id
 from billing_core.quota.answers import Decision, GroupDecision
 from billing_core.quota.requests import MAX_REQUEST_ID, AdmitAllRequest, ConsumeRequest
 from billing_core.rules.resources import Period
-from quota_service.errors import details_for, status_for
 from quota_service.metrics import Metrics
+from quota_service.servicer import rpc_handler, timed_call
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
@@ -205,10 +203,8 @@ class RateLimitServicer:
         request: rls_pb2.RateLimitRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> rls_pb2.RateLimitResponse:
-        started = time.perf_counter()
-        code = "OK"
-        now = self._clock.now()
-        try:
+        async def work() -> rls_pb2.RateLimitResponse:
+            now = self._clock.now()
             parsed = parse(request, self._domain, new_id("http", now))
             if parsed.group is None:
                 return respond(request, parsed, None, now)
@@ -223,39 +219,15 @@ class RateLimitServicer:
                 reason = answer.reason.value if decided.allowed or not answer.allowed else "group"
                 self._metrics.decided(METHOD, reason, asked.resource)
             return respond(request, parsed, decided, now)
-        except QuotaError as exc:
-            status = status_for(exc)
-            code = status.name
-            log.warning("rls_call_failed", status=code, error=exc.message[:500])
-            await context.abort(status, details_for(exc))
-            raise  # pragma: no cover - abort raises
-        finally:
-            self._metrics.timed(METHOD, code, time.perf_counter() - started)
+
+        response: rls_pb2.RateLimitResponse = await timed_call(self._metrics, METHOD, context, work)
+        return response
 
 
 def add_to_server(servicer: RateLimitServicer, server: grpc.aio.Server) -> None:
     """Register ShouldRateLimit; bytes that are no RateLimitRequest answer INVALID_ARGUMENT."""
-
-    async def call(
-        request: rls_pb2.RateLimitRequest | DecodeError, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> rls_pb2.RateLimitResponse:
-        if isinstance(request, DecodeError):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a RateLimitRequest: {request}",
-            )
-        return await servicer.ShouldRateLimit(request, context)
-
-    def read(raw: bytes) -> rls_pb2.RateLimitRequest | DecodeError:
-        try:
-            return rls_pb2.RateLimitRequest.FromString(raw)
-        except DecodeError as exc:
-            return exc
-
-    handler = grpc.unary_unary_rpc_method_handler(
-        call,
-        request_deserializer=read,
-        response_serializer=rls_pb2.RateLimitResponse.SerializeToString,
+    handler = rpc_handler(
+        servicer.ShouldRateLimit, rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse
     )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE_NAME, {METHOD: handler}),)

@@ -42,19 +42,7 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
         work: Callable[[], Awaitable[Resp]],
     ) -> Resp:
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            return await work()
-        except QuotaError as exc:
-            status = status_for(exc)
-            code = status.name
-            if status is grpc.StatusCode.UNAVAILABLE:
-                log.warning("quota_call_unavailable", method=method, error=exc.message)
-            await context.abort(status, details_for(exc))
-            raise  # pragma: no cover - abort raises
-        finally:
-            self._metrics.timed(method, code, time.perf_counter() - started)
+        return await timed_call(self._metrics, method, context, work)
 
     async def CheckAndConsume(
         self,
@@ -134,6 +122,29 @@ class QuotaServicer(pb_grpc.QuotaServiceServicer):
         return await self._call("ReportUsage", context, work)  # type: ignore[arg-type]
 
 
+async def timed_call(
+    metrics: Metrics,
+    method: str,
+    context: grpc.aio.ServicerContext[Any, Any],
+    work: Callable[[], Awaitable[Resp]],
+) -> Resp:
+    """Run one RPC's work: its duration in the metrics by status, a QuotaError answered with
+    its status (the one mapping), UNAVAILABLE logged."""
+    started = time.perf_counter()
+    code = "OK"
+    try:
+        return await work()
+    except QuotaError as exc:
+        status = status_for(exc)
+        code = status.name
+        if status is grpc.StatusCode.UNAVAILABLE:
+            log.warning("quota_call_unavailable", method=method, error=exc.message)
+        await context.abort(status, details_for(exc))
+        raise  # pragma: no cover - abort raises
+    finally:
+        metrics.timed(method, code, time.perf_counter() - started)
+
+
 class _Unreadable:
     """A request whose bytes are no message of its type."""
 
@@ -152,20 +163,32 @@ def _reader(message: type[Message]) -> Callable[[bytes], Message | _Unreadable]:
 
 
 def add_to_server(servicer: QuotaServicer, server: grpc.aio.Server) -> None:
-    """Register the service like the generated code does, but bytes that are no request
-    answer INVALID_ARGUMENT (gRPC answers a failed deserializer with UNKNOWN)."""
+    """Register the service like the generated code does (see rpc_handler)."""
     service = pb.DESCRIPTOR.services_by_name["QuotaService"]
-    handlers = {}
-    for method in service.methods:
-        request_type = getattr(pb, method.input_type.name)
-        response_type = getattr(pb, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _checked(getattr(servicer, method.name), request_type.__name__),
-            request_deserializer=_reader(request_type),
-            response_serializer=response_type.SerializeToString,
+    handlers = {
+        method.name: rpc_handler(
+            getattr(servicer, method.name),
+            getattr(pb, method.input_type.name),
+            getattr(pb, method.output_type.name),
         )
+        for method in service.methods
+    }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+
+
+def rpc_handler(
+    handler: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+    request_type: type[Message],
+    response_type: type[Message],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary handler as generated code makes it, but bytes that are no `request_type`
+    answer INVALID_ARGUMENT (gRPC answers a failed deserializer with UNKNOWN)."""
+    return grpc.unary_unary_rpc_method_handler(
+        _checked(handler, request_type.__name__),
+        request_deserializer=_reader(request_type),
+        response_serializer=response_type.SerializeToString,
     )
 
 

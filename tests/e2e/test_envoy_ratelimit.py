@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -27,18 +26,13 @@ from billing_core.billing.model import quota
 from billing_core.settings import Settings
 from quota_service.server import create_server
 from tests import factories as f
+from tests.reliability.harness import free_port
 
 Pool = AsyncConnectionPool[Any]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "envoy" / "envoy.yaml"
 ENVOY = Path(sys.executable).parent / "envoy"
 TOKEN = "envoy-test-token-" + "x" * 16
 NOW = datetime.now(UTC)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Tool:

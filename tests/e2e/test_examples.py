@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from tests.conftest import fresh_database
-from tests.e2e.test_envoy_ratelimit import envoy, envoy_config, free_port
+from tests.e2e.test_envoy_ratelimit import envoy, envoy_config
+from tests.reliability.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
