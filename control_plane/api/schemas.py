@@ -60,13 +60,12 @@ Count = Annotated[int, Field(ge=0, le=INT64_MAX), WHOLE]
 Micros = Annotated[
     int, Field(ge=1, le=INT64_MAX, description="1 currency unit = 1,000,000 micros"), WHOLE
 ]
-Resource = Annotated[
-    str,
-    StringConstraints(
-        pattern=r"^(tokens|messages|agents|bots|boards|companions|files|storage"
-        r"|research_runs|tool_calls|media_processing|custom:[a-z0-9][a-z0-9_.-]{0,62})$"
-    ),
-]
+# a resource's name: a built-in one or custom:<name>
+_RESOURCE = (
+    r"(tokens|messages|agents|bots|boards|companions|files|storage"
+    r"|research_runs|tool_calls|media_processing|custom:[a-z0-9][a-z0-9_.-]{0,62})"
+)
+Resource = Annotated[str, StringConstraints(pattern=rf"^{_RESOURCE}$")]
 _ISO = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
 
 
@@ -412,7 +411,7 @@ class BillingLinkCreate(Body):
     opens: str = Field(
         default="overview",
         max_length=80,
-        pattern=r"^(overview|plans|limits/([a-z_]{1,40}|custom:[a-z0-9][a-z0-9_.-]{0,62}))$",
+        pattern=rf"^(overview|plans|limits/{_RESOURCE})$",
         description="the billing page the link opens: overview, plans, or limits/<resource> "
         "(why a call was refused and what would allow more: for a denial's user)",
     )

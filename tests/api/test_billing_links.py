@@ -81,7 +81,7 @@ async def test_a_link_can_open_the_limit_page_of_a_denial(
         assert page.status_code == 200, page.text
     page_text = page.text
     assert f"Limit Co {uid}" in page_text
-    for wrong in ("limits/", "admin", "/billing", "limits/messages/../../admin", "LIMITS/x"):
+    for wrong in ("limits/", "limits/gold", "admin", "/billing", "limits/messages/../../admin"):
         r = await api.post(f"/v1/tenants/{tenant}/billing-links", json={"opens": wrong})
         assert r.status_code == 422, (wrong, r.text)
 
